@@ -1,0 +1,1 @@
+"""spamfilterd-train: fine-tunes and evaluates the GPT spam classifier."""
