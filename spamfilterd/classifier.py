@@ -1,0 +1,125 @@
+"""`SpamClassifier`: P(spam) for texts, read from the logits of each message's last real token."""
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from spamfilterd.checkpoint import load_checkpoint
+from spamfilterd.tokenizer import PAD_TOKEN_ID, get_tokenizer
+
+PRECISIONS = ("auto", "fp32", "bf16")
+HEAD_SHARE = 0.75  # of an over-long message's token budget, the rest goes to its end
+
+
+def encode_text(tokenizer, text: str, max_tokens: int) -> list[int]:
+    """Token ids of `text`, at most `max_tokens` long.
+
+    An over-long text keeps its first 3/4 of the budget (subject and opening, where spam shows
+    itself) and its last 1/4 (the last tokens are what the classifier reads; signatures and
+    unsubscribe links live there), rather than silently dropping the end. `<|endoftext|>` inside a
+    message is read as plain text, so a sender cannot inject the special token.
+    """
+    ids = tokenizer.encode(text, disallowed_special=())
+    if len(ids) > max_tokens:
+        head = int(max_tokens * HEAD_SHARE)
+        ids = ids[:head] + ids[len(ids) - (max_tokens - head) :]
+    return ids or [PAD_TOKEN_ID]
+
+
+def pad_batch(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [batch, longest] and each row's last real position [batch]."""
+    longest = max(len(seq) for seq in seqs)
+    ids = torch.full((len(seqs), longest), PAD_TOKEN_ID, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    last = torch.tensor([len(seq) - 1 for seq in seqs], dtype=torch.long)
+    return ids, last
+
+
+def last_token_logits(logits: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+    """Rows of [batch, tokens, classes] at each message's last real token -> [batch, classes]."""
+    return logits[torch.arange(logits.shape[0], device=logits.device), last_index.to(logits.device)]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' requested but no CUDA GPU is available (use 'cpu' or 'auto')")
+    return torch.device(device)
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 only pays where the hardware has bf16 matrix units; elsewhere it is emulated and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()) or bool(
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    )
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision '{precision}': expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if bf16_is_fast(device) else "fp32"
+    return precision
+
+
+class SpamClassifier:
+    """A loaded checkpoint that scores texts; thread-compatible but not re-entrant (one caller at a time)."""
+
+    def __init__(self, model, card: dict, device: torch.device, precision: str, batch_size: int = 16):
+        self.model = model
+        self.card = card
+        self.device = device
+        self.precision = precision
+        self.batch_size = batch_size
+        self.tokenizer = get_tokenizer()
+        self.max_tokens = min(int(card.get("max_tokens", model.cfg.context_length)), model.cfg.context_length)
+        thresholds = card.get("thresholds", {})
+        self.spam_threshold = float(thresholds.get("spam", 0.5))
+        self.unsure_threshold = float(thresholds.get("unsure", self.spam_threshold))
+        self.model_id = f"{card.get('name', 'model')}@{card.get('weights_sha256', 'unknown')[:12]}"
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        precision: str = "auto",
+        threads: int | None = None,
+        batch_size: int = 16,
+    ) -> "SpamClassifier":
+        if threads:
+            torch.set_num_threads(threads)
+        resolved = resolve_device(device)
+        model, card = load_checkpoint(Path(path), device=resolved)
+        return cls(model, card, resolved, resolve_precision(precision, resolved), batch_size)
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def score(self, texts: list[str]) -> list[float]:
+        """P(spam) for each text, in order. Sorting by length keeps padding, and so work, small."""
+        encoded = [encode_text(self.tokenizer, text, self.max_tokens) for text in texts]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        scores = [0.0] * len(encoded)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            ids, last = pad_batch([encoded[i] for i in rows])
+            with torch.inference_mode(), self._autocast():
+                hidden = self.model.hidden_states(ids.to(self.device))
+                logits = self.model.out_head(last_token_logits(hidden, last))
+            probabilities = torch.softmax(logits.float(), dim=-1)[:, 1].tolist()
+            for row, probability in zip(rows, probabilities, strict=True):
+                scores[row] = probability
+        return scores
+
+    def classify(self, text: str) -> tuple[str, float]:
+        """("spam" | "ham", P(spam)) at the model card's spam threshold."""
+        score = self.score([text])[0]
+        return ("spam" if score >= self.spam_threshold else "ham"), score
