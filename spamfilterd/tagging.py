@@ -1,0 +1,167 @@
+"""Header surgery on raw message bytes: strip forged X-Spam headers, add ours, prefix the Subject.
+
+We never re-serialise a parsed message (the `email` package re-folds headers and may re-encode
+bodies, which breaks DKIM signatures and users' trust); only the header lines we own change, the
+body bytes and the line-ending style (CRLF or LF) stay exactly as they arrived.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from email.errors import HeaderParseError
+from email.header import decode_header, make_header
+
+from spamfilterd.rules import Decision
+
+FLAG = "X-Spam-Flag"
+STATUS = "X-Spam-Status"
+SCORE = "X-Spam-Score"
+LEVEL = "X-Spam-Level"
+MODEL = "X-Spam-Model"
+ORIGINAL_RECIPIENTS = "X-Spam-Original-Recipients"
+# Every header we write; copies that arrive with a message are forged or stale and are removed.
+OWN_HEADERS = (FLAG, STATUS, SCORE, LEVEL, MODEL, ORIGINAL_RECIPIENTS)
+
+_FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+_FOLD_WIDTH = 78
+
+
+@dataclass
+class _Split:
+    """A message cut at the header/body boundary; `lead` is an mbox `From ` line if any."""
+
+    lead: bytes
+    fields: list[bytes]  # each a whole field: first line plus continuation lines, with line endings
+    rest: bytes  # the blank separator line and the body, or the body alone if the separator is missing
+    newline: bytes
+
+
+def _lines(data: bytes):
+    start = 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end + 1
+        yield start, data[start:end]
+        start = end
+
+
+def _split(raw: bytes) -> _Split:
+    first_end = raw.find(b"\n")
+    newline = b"\r\n" if first_end > 0 and raw[first_end - 1 : first_end] == b"\r" else b"\n"
+    lead = b""
+    pos = 0
+    if raw.startswith(b"From "):
+        lead = raw[: first_end + 1] if first_end >= 0 else raw
+        pos = len(lead)
+    fields: list[bytes] = []
+    body_at = len(raw)
+    for offset, line in _lines(raw[pos:]):
+        if fields and line[:1] in (b" ", b"\t") and line.strip(b"\r\n"):
+            fields[-1] += line
+        elif _FIELD.match(line):
+            fields.append(line)
+        else:
+            body_at = pos + offset
+            break
+    return _Split(lead, fields, raw[body_at:], newline)
+
+
+def _name(field: bytes) -> str:
+    match = _FIELD.match(field)
+    return match.group(1).decode("ascii").lower() if match else ""
+
+
+def _unfold(field: bytes) -> str:
+    value = field.split(b":", 1)[1]
+    return re.sub(rb"\r?\n(?=[ \t])", b"", value).strip().decode("utf-8", "surrogateescape")
+
+
+def decoded_subject(raw_value: str) -> str:
+    """The Subject as a reader sees it (RFC 2047 decoded); the raw text if it cannot be decoded."""
+    try:
+        return str(make_header(decode_header(raw_value)))
+    except (HeaderParseError, ValueError, LookupError, UnicodeError):
+        return raw_value
+
+
+def _prefixed_subject(field: bytes, prefix: str) -> bytes:
+    name, _, rest = field.partition(b":")
+    if decoded_subject(_unfold(field)).lower().startswith(prefix.strip().lower()):
+        return field
+    value = rest.lstrip(b" \t")
+    if value[:1] in (b"\r", b"\n", b""):  # the text starts on a continuation line
+        return name + b": " + prefix.rstrip().encode("ascii") + rest
+    sep = b" " if value.startswith(b"=?") and not prefix.endswith(" ") else b""
+    return name + b": " + prefix.encode("ascii") + sep + value
+
+
+def _clean(value: str) -> str:
+    """Header values we write come from config and model cards: never let them inject lines."""
+    return re.sub(r"[\x00-\x1f\x7f]+", " ", value).strip()
+
+
+def _fold(name: str, value: str, newline: bytes) -> bytes:
+    """Fold at spaces so long values stay under 78 columns where possible (RFC 5322 2.2.3)."""
+    out = f"{name}:"
+    width = len(out)
+    for word in value.split(" "):
+        if width + 1 + len(word) > _FOLD_WIDTH and width > len(name) + 1:
+            out += newline.decode() + "\t" + word
+            width = 8 + len(word)
+        else:
+            out += " " + word
+            width += 1 + len(word)
+    return out.encode("ascii", "replace") + newline
+
+
+def rewrite_headers(
+    raw: bytes,
+    add: list[tuple[str, str]],
+    subject_prefix: str | None = None,
+    strip: tuple[str, ...] = OWN_HEADERS,
+) -> bytes:
+    """Remove `strip` headers (with their continuation lines), prefix the Subject, append `add`.
+
+    The new headers go at the end of the header block. A message without any headers (a bare
+    SMS text) gets a header block and a blank line in front of its unchanged text.
+    """
+    parts = _split(raw)
+    nl = parts.newline
+    strip_names = {name.lower() for name in strip}
+    kept = [field for field in parts.fields if _name(field) not in strip_names]
+    if subject_prefix:
+        subjects = [i for i, field in enumerate(kept) if _name(field) == "subject"]
+        if subjects:
+            kept[subjects[0]] = _prefixed_subject(kept[subjects[0]], subject_prefix)
+        else:
+            add = [*add, ("Subject", subject_prefix.rstrip())]
+    if kept and not kept[-1].endswith(b"\n"):
+        kept[-1] += nl
+    added = [_fold(name, _clean(value), nl) for name, value in add]
+    rest = parts.rest
+    if rest and not rest.startswith((b"\n", b"\r\n")):
+        rest = nl + rest
+    return parts.lead + b"".join(kept) + b"".join(added) + rest
+
+
+def status_headers(decision: Decision, required: float, model_id: str) -> list[tuple[str, str]]:
+    """The SpamAssassin-shaped headers written on every checked message, ham included."""
+    yes = "Yes" if decision.flagged else "No"
+    status = (
+        f"{yes}, score={decision.score:.3f} required={required:.3f} verdict={decision.verdict}"
+        f" rule={decision.rule} model={_clean(model_id).replace(' ', '_')}"
+    )
+    if decision.gtube:
+        status += " tests=GTUBE"
+    return [
+        (FLAG, "YES" if decision.flagged else "NO"),
+        (STATUS, status),
+        (SCORE, f"{decision.score:.3f}"),
+        (LEVEL, "*" * min(10, max(0, int(decision.score * 10 + 1e-9)))),
+        (MODEL, model_id),
+    ]
+
+
+def original_recipients_header(rcpt_tos: tuple[str, ...]) -> tuple[str, str]:
+    return ORIGINAL_RECIPIENTS, ", ".join(rcpt_tos)
