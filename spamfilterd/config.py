@@ -209,7 +209,7 @@ class _Section:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {_kind(data)}")
+            raise ConfigError(f"{path or 'top level'}: expected a mapping, got {_kind(data)}")
         allowed = tuple(allowed)
         for key in data:
             if key not in allowed:
@@ -285,7 +285,7 @@ def _build(data: Any, source: Path | None, model_override: Path | None) -> Confi
         model=_model(root.get("model", None), base, model_override),
         thresholds=_thresholds(root.get("thresholds", None)),
         message=_message(root.get("message", None)),
-        rules=_rules(root.get("rules", None)),
+        rules=parse_rules(root.get("rules", None)),
         smtp=_smtp(root.get("smtp", None)),
         http=_http(root.get("http", None)),
         logging=_logging(root.get("logging", None)),
@@ -385,7 +385,8 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _ADDRESS = re.compile(r"[^@\s<>,\"]+@[^@\s<>,\"]+")
 
 
-def _rules(data: Any) -> tuple[Rule, ...]:
+def parse_rules(data: Any) -> tuple[Rule, ...]:
+    """The `rules:` list, validated; rules without a name are named by position (`rules[2]`)."""
     if data is None:
         return ()
     if not isinstance(data, list):

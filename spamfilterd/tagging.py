@@ -46,9 +46,11 @@ def _lines(data: bytes):
         start = end
 
 
-def _split(raw: bytes) -> _Split:
+def _split(raw: bytes, bare_text: bool) -> _Split:
     first_end = raw.find(b"\n")
     newline = b"\r\n" if first_end > 0 and raw[first_end - 1 : first_end] == b"\r" else b"\n"
+    if bare_text:
+        return _Split(b"", [], raw, newline)
     lead = b""
     pos = 0
     if raw.startswith(b"From "):
@@ -120,13 +122,15 @@ def rewrite_headers(
     add: list[tuple[str, str]],
     subject_prefix: str | None = None,
     strip: tuple[str, ...] = OWN_HEADERS,
+    bare_text: bool = False,
 ) -> bytes:
     """Remove `strip` headers (with their continuation lines), prefix the Subject, append `add`.
 
-    The new headers go at the end of the header block. A message without any headers (a bare
-    SMS text) gets a header block and a blank line in front of its unchanged text.
+    The new headers go at the end of the header block. A message without any headers gets a
+    header block and a blank line in front of its unchanged text; `bare_text` says the message
+    is known to be headerless (an SMS starting "Urgent: call now" is not a header).
     """
-    parts = _split(raw)
+    parts = _split(raw, bare_text)
     nl = parts.newline
     strip_names = {name.lower() for name in strip}
     kept = [field for field in parts.fields if _name(field) not in strip_names]

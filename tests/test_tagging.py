@@ -1,0 +1,146 @@
+"""Header surgery on raw bytes: forged headers go, ours arrive, the body never changes."""
+
+import email
+
+import pytest
+
+from spamfilterd.rules import Decision
+from spamfilterd.tagging import decoded_subject, original_recipients_header, rewrite_headers, status_headers
+
+BODY = b"Hello,\r\n\r\nX-Spam-Flag: YES in the body stays.\r\n=?utf-8?q?not_a_header?=\r\n"
+CRLF_MESSAGE = (
+    b"Received: from a by b;\r\n\tThu, 26 Nov 2026 10:00:00 +0000\r\n"
+    b"X-Spam-Flag: NO\r\n"
+    b"From: Alice <alice@example.com>\r\n"
+    b"x-spam-status: No, score=0.000\r\n\tforged=yes\r\n"
+    b"Subject: Lunch?\r\n"
+    b"X-SPAM-Level: \r\n"
+    b"X-Spam-Score : -5\r\n"
+    b"X-Spam-Report: kept, not ours\r\n"
+    b"\r\n" + BODY
+)
+
+
+def _headers(message: bytes) -> email.message.Message:
+    return email.message_from_bytes(message)
+
+
+def test_forged_headers_are_stripped_with_their_continuations_and_body_is_byte_identical():
+    out = rewrite_headers(CRLF_MESSAGE, [("X-Spam-Flag", "YES")])
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert body == BODY
+    assert b"forged=yes" not in head
+    assert b"X-Spam-Score" not in head and b"X-SPAM-Level" not in head
+    assert head.count(b"X-Spam-Flag") == 1
+    assert b"X-Spam-Report: kept, not ours" in head
+    assert head.startswith(b"Received: from a by b;\r\n\tThu, 26 Nov 2026")
+    assert b"\n" not in out.replace(b"\r\n", b"")  # no bare LF introduced
+    assert _headers(out)["X-Spam-Flag"] == "YES"
+
+
+def test_lf_messages_stay_lf_and_new_headers_go_last():
+    raw = b"From: a@b.c\nSubject: hi\n\nbody\n"
+    out = rewrite_headers(raw, [("X-Spam-Flag", "NO"), ("X-Spam-Score", "0.100")])
+    assert out == b"From: a@b.c\nSubject: hi\nX-Spam-Flag: NO\nX-Spam-Score: 0.100\n\nbody\n"
+
+
+def test_mbox_from_line_stays_first():
+    raw = b"From alice@example.com Thu Nov 26 10:00:00 2026\nSubject: hi\n\nbody\n"
+    out = rewrite_headers(raw, [("X-Spam-Flag", "NO")])
+    assert out.startswith(
+        b"From alice@example.com Thu Nov 26 10:00:00 2026\nSubject: hi\nX-Spam-Flag: NO\n\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"WINNER!! Call 09061701461 now: claim", b"X-A: 1\n\nWINNER!! Call 09061701461 now: claim"),
+        (b"", b"X-A: 1\n"),
+        (b"Subject: only headers", b"Subject: only headers\nX-A: 1\n"),
+        (b"Subject: x\r\nno blank line here\r\n", b"Subject: x\r\nX-A: 1\r\n\r\nno blank line here\r\n"),
+        (b"\nbody after empty header block", b"X-A: 1\n\nbody after empty header block"),
+    ],
+)
+def test_messages_without_a_proper_header_block(raw, expected):
+    assert rewrite_headers(raw, [("X-A", "1")]) == expected
+
+
+def test_known_bare_text_is_never_read_as_headers():
+    raw = b"Urgent: you have won a prize\nCall now"
+    out = rewrite_headers(raw, [("X-Spam-Flag", "YES")], bare_text=True)
+    assert out == b"X-Spam-Flag: YES\n\n" + raw
+
+
+def test_bare_text_body_is_preserved_exactly():
+    raw = "Ur awarded a £2000 bonus!\nReply STOP".encode("latin-1")
+    out = rewrite_headers(raw, [("X-Spam-Flag", "YES")], subject_prefix="[SPAM] ")
+    assert out.split(b"\n\n", 1)[1] == raw
+    assert _headers(out)["Subject"] == "[SPAM]"
+
+
+@pytest.mark.parametrize(
+    ("subject_line", "expected"),
+    [
+        (b"Subject: Cheap meds", b"Subject: [SPAM] Cheap meds"),
+        (b"SUBJECT:Cheap meds", b"SUBJECT: [SPAM] Cheap meds"),
+        (b"Subject: [SPAM] Cheap meds", b"Subject: [SPAM] Cheap meds"),
+        (b"Subject: [spam] Cheap meds", b"Subject: [spam] Cheap meds"),
+        (b"Subject: =?UTF-8?B?W1NQQU1dIENoZWFw?=", b"Subject: =?UTF-8?B?W1NQQU1dIENoZWFw?="),
+        (b"Subject: =?UTF-8?B?R8O8bnN0aWc=?=", b"Subject: [SPAM] =?UTF-8?B?R8O8bnN0aWc=?="),
+        (b"Subject:\r\n =?iso-8859-1?q?G=FCnstig?=", b"Subject: [SPAM]\r\n =?iso-8859-1?q?G=FCnstig?="),
+    ],
+)
+def test_subject_prefix(subject_line, expected):
+    raw = b"From: x@y.z\r\n" + subject_line + b"\r\n\r\nbody\r\n"
+    out = rewrite_headers(raw, [], subject_prefix="[SPAM] ")
+    assert out == b"From: x@y.z\r\n" + expected + b"\r\n\r\nbody\r\n"
+
+
+def test_encoded_subject_decodes_with_prefix_in_front():
+    raw = b"Subject: =?UTF-8?B?R8O8bnN0aWc=?=\n\nbody\n"
+    out = rewrite_headers(raw, [], subject_prefix="***SPAM***")
+    assert decoded_subject(_headers(out)["Subject"]) == "***SPAM*** Günstig"
+
+
+def test_only_first_subject_is_rewritten_and_missing_subject_is_added():
+    raw = b"Subject: one\nSubject: two\n\nb\n"
+    assert rewrite_headers(raw, [], subject_prefix="[SPAM] ") == b"Subject: [SPAM] one\nSubject: two\n\nb\n"
+    assert rewrite_headers(b"From: a@b.c\n\nb\n", [], subject_prefix="[SPAM] ") == (
+        b"From: a@b.c\nSubject: [SPAM]\n\nb\n"
+    )
+
+
+def test_status_headers_shape():
+    decision = Decision(verdict="spam", score=0.9871, actions=("tag",), rule="spam")
+    headers = dict(status_headers(decision, required=0.5, model_id="sms-gpt-mini@3fa2b1c0d9e8"))
+    assert headers == {
+        "X-Spam-Flag": "YES",
+        "X-Spam-Status": (
+            "Yes, score=0.987 required=0.500 verdict=spam rule=spam model=sms-gpt-mini@3fa2b1c0d9e8"
+        ),
+        "X-Spam-Score": "0.987",
+        "X-Spam-Level": "*********",
+        "X-Spam-Model": "sms-gpt-mini@3fa2b1c0d9e8",
+    }
+    ham = Decision(verdict="ham", score=0.0, actions=("accept",), rule="default", gtube=False)
+    assert dict(status_headers(ham, 0.5, "m"))["X-Spam-Level"] == ""
+    gtube = Decision(verdict="spam", score=1.0, actions=("accept",), rule="r", gtube=True)
+    status = dict(status_headers(gtube, 0.5, "m"))
+    assert status["X-Spam-Flag"] == "NO" and status["X-Spam-Status"].endswith(" tests=GTUBE")
+    assert status["X-Spam-Level"] == "**********"
+
+
+def test_header_values_cannot_inject_lines_and_long_values_fold():
+    recipients = tuple(f"user{i}@example.com" for i in range(30))
+    out = rewrite_headers(
+        b"Subject: x\r\n\r\nb",
+        [("X-Spam-Model", "evil\r\nBcc: all@x"), original_recipients_header(recipients)],
+    )
+    assert b"\r\nBcc:" not in out
+    lines = out.split(b"\r\n\r\n")[0].split(b"\r\n")
+    assert all(len(line) <= 78 for line in lines)
+    parsed = _headers(out)
+    assert [a.strip() for a in parsed["X-Spam-Original-Recipients"].replace("\r\n", "").split(",")] == list(
+        recipients
+    )
