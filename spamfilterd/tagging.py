@@ -109,8 +109,8 @@ def _fold(name: str, value: str, newline: bytes) -> bytes:
     width = len(out)
     for word in value.split(" "):
         if width + 1 + len(word) > _FOLD_WIDTH and width > len(name) + 1:
-            out += newline.decode() + "\t" + word
-            width = 8 + len(word)
+            out += newline.decode() + " " + word  # unfolds to exactly the original value
+            width = 1 + len(word)
         else:
             out += " " + word
             width += 1 + len(word)

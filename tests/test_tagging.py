@@ -141,6 +141,4 @@ def test_header_values_cannot_inject_lines_and_long_values_fold():
     lines = out.split(b"\r\n\r\n")[0].split(b"\r\n")
     assert all(len(line) <= 78 for line in lines)
     parsed = _headers(out)
-    assert [a.strip() for a in parsed["X-Spam-Original-Recipients"].replace("\r\n", "").split(",")] == list(
-        recipients
-    )
+    assert parsed["X-Spam-Original-Recipients"].replace("\r\n", "") == ", ".join(recipients)

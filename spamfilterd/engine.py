@@ -1,0 +1,94 @@
+"""FilterEngine: raw messages in, decisions and tagged message bytes out.
+
+The pipe filter and the SMTP proxy both go through here, so a message gets the same verdict,
+the same rule and the same headers whichever way it arrives. Not re-entrant: the classifier
+runs one batch at a time, callers serialise (the SMTP proxy batches through one worker).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from spamfilterd.config import Config, effective_thresholds
+from spamfilterd.message import header_from_domain, message_to_text
+from spamfilterd.rules import Decision, Envelope, decide, verdict_for
+from spamfilterd.tagging import STATUS, original_recipients_header, rewrite_headers, status_headers
+
+if TYPE_CHECKING:
+    from spamfilterd.classifier import SpamClassifier
+
+# The GTUBE test string: lets an admin check an install end to end without a real spam at hand.
+GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+@dataclass
+class CheckResult:
+    decision: Decision
+    message: bytes  # the message to deliver: our headers applied, body bytes unchanged
+    text_chars: int  # length of the text the classifier read
+    notes: list[str] = field(default_factory=list)
+
+
+class FilterEngine:
+    def __init__(self, config: Config, classifier: SpamClassifier):
+        self.config = config
+        self.classifier = classifier
+        self.model_id: str = classifier.model_id
+        card = {"spam": classifier.spam_threshold, "unsure": classifier.unsure_threshold}
+        self.spam_threshold, self.unsure_threshold = effective_thresholds(config.thresholds, card)
+
+    @classmethod
+    def from_config(cls, config: Config) -> FilterEngine:
+        """Load the checkpoint named by the config (imports torch, hence not at module level)."""
+        from spamfilterd.classifier import SpamClassifier
+
+        model = config.model
+        classifier = SpamClassifier.load(
+            model.checkpoint,
+            device=model.device,
+            precision=model.precision,
+            threads=model.threads or None,
+            batch_size=model.batch_size,
+        )
+        return cls(config, classifier)
+
+    def check(self, raw: bytes, envelope: Envelope | None = None) -> CheckResult:
+        return self.check_many([raw], [envelope or Envelope()])[0]
+
+    def check_many(self, raws: list[bytes], envelopes: list[Envelope] | None = None) -> list[CheckResult]:
+        """Check a batch with ONE classifier call; classifier errors propagate (see `unchecked`)."""
+        envelopes = envelopes if envelopes is not None else [Envelope()] * len(raws)
+        if len(envelopes) != len(raws):
+            raise ValueError(f"{len(raws)} messages but {len(envelopes)} envelopes")
+        max_bytes = self.config.message.max_bytes
+        texts = [message_to_text(raw, max_bytes) for raw in raws]
+        gtube = [GTUBE in raw for raw in raws]
+        to_score = [text.text for text, is_test in zip(texts, gtube, strict=True) if not is_test]
+        model_scores = iter(self.classifier.score(to_score) if to_score else [])
+        results = []
+        for raw, envelope, text, is_test in zip(raws, envelopes, texts, gtube, strict=True):
+            if is_test:
+                score, verdict = 1.0, "spam"
+            else:
+                score = float(next(model_scores))
+                verdict = verdict_for(score, self.spam_threshold, self.unsure_threshold)
+            decision = decide(
+                self.config.rules, verdict, score, envelope, header_from_domain(raw), gtube=is_test
+            )
+            notes = [*text.notes, *(["GTUBE test string found"] if is_test else [])]
+            message = self.tag(raw, decision, envelope, bare_text=not text.is_email)
+            results.append(CheckResult(decision, message, len(text.text), notes))
+        return results
+
+    def tag(self, raw: bytes, decision: Decision, envelope: Envelope, bare_text: bool = False) -> bytes:
+        """Strip forged X-Spam headers, write ours, apply subject-prefix and the redirect header."""
+        headers = status_headers(decision, self.spam_threshold, self.model_id)
+        if "redirect" in decision.actions and envelope.rcpt_tos:
+            headers.append(original_recipients_header(envelope.rcpt_tos))
+        prefix = decision.subject_prefix if "subject-prefix" in decision.actions else None
+        return rewrite_headers(raw, headers, subject_prefix=prefix, bare_text=bare_text)
+
+    def unchecked(self, raw: bytes) -> bytes:
+        """The message to pass on when the classifier failed: no forged verdict survives it."""
+        return rewrite_headers(raw, [(STATUS, "unchecked")])

@@ -1,0 +1,144 @@
+"""FilterEngine with a real (tiny, random) checkpoint: one model call per batch, rules, headers."""
+
+import email
+from pathlib import Path
+
+import pytest
+
+from spamfilterd.config import Config, ConfigError, ModelConfig, ThresholdsConfig, parse_rules
+from spamfilterd.engine import GTUBE, FilterEngine
+from spamfilterd.rules import Envelope
+
+BODY = b"Hi Bob,\r\n\r\nare we still on for lunch?\r\n-- \r\nAlice\r\n"
+MAIL = (
+    b"From: Alice <alice@example.com>\r\n"
+    b"To: bob@example.org\r\n"
+    b"Subject: Lunch\r\n"
+    b"X-Spam-Flag: NO\r\n"
+    b"X-Spam-Status: No, score=0.000\r\n required=9\r\n"
+    b"\r\n" + BODY
+)
+SMS = b"Urgent: you have won a 1 week FREE membership in our prize jackpot! Txt CLAIM to 81010"
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_checkpoint):
+    from spamfilterd.classifier import SpamClassifier
+
+    return SpamClassifier.load(tiny_checkpoint, device="cpu", threads=1)
+
+
+def _engine(classifier, tiny_checkpoint: Path, rules=(), **thresholds) -> FilterEngine:
+    config = Config(
+        model=ModelConfig(checkpoint=tiny_checkpoint),
+        thresholds=ThresholdsConfig(**thresholds),
+        rules=parse_rules(list(rules)),
+    )
+    return FilterEngine(config, classifier)
+
+
+def _head(message: bytes) -> email.message.Message:
+    return email.message_from_bytes(message)
+
+
+def test_check_many_scores_a_batch_in_one_model_call(classifier, tiny_checkpoint, monkeypatch):
+    engine = _engine(classifier, tiny_checkpoint)
+    calls = []
+    real_score = classifier.score
+    monkeypatch.setattr(classifier, "score", lambda texts: calls.append(len(texts)) or real_score(texts))
+    results = engine.check_many([MAIL, SMS, b"Subject: " + GTUBE + b"\n\nx\n"], [Envelope()] * 3)
+    assert calls == [2]  # the GTUBE message never reaches the model
+    # padding in a batch does not change a message's score (read at its last real token)
+    assert results[1].decision.score == pytest.approx(engine.check(SMS).decision.score, abs=1e-5)
+    assert results[2].decision.verdict == "spam" and results[2].decision.score == 1.0
+    assert "GTUBE test string found" in results[2].notes
+    assert all(r.text_chars > 0 for r in results)
+
+
+def test_thresholds_default_to_the_model_card(classifier, tiny_checkpoint):
+    engine = _engine(classifier, tiny_checkpoint)
+    assert (engine.spam_threshold, engine.unsure_threshold) == (0.5, 0.3)
+    result = engine.check(MAIL)
+    score = result.decision.score
+    assert result.decision.verdict == ("spam" if score >= 0.5 else "unsure" if score >= 0.3 else "ham")
+    with pytest.raises(ConfigError, match=r"thresholds\.unsure"):
+        _engine(classifier, tiny_checkpoint, unsure=0.9)
+
+
+def test_ham_gets_status_headers_forged_ones_removed_body_unchanged(classifier, tiny_checkpoint):
+    engine = _engine(classifier, tiny_checkpoint, spam=1.01, unsure=1.01)
+    result = engine.check(MAIL)
+    head, _, body = result.message.partition(b"\r\n\r\n")
+    assert body == BODY
+    assert b"required=9" not in head and head.count(b"X-Spam-Flag") == 1
+    headers = _head(result.message)
+    score = f"{result.decision.score:.3f}"
+    assert headers["X-Spam-Flag"] == "NO"
+    assert headers["X-Spam-Status"].replace("\r\n", "") == (
+        f"No, score={score} required=1.010 verdict=ham rule=default model={engine.model_id}"
+    )
+    assert headers["X-Spam-Score"] == score
+    assert headers["X-Spam-Model"] == engine.model_id == classifier.model_id
+    assert headers["Subject"] == "Lunch"
+
+
+def test_rules_apply_in_order_with_subject_prefix_and_redirect(classifier, tiny_checkpoint):
+    rules = [
+        {"name": "vip", "match": {"sender_in": ["*@vip.example"]}, "actions": ["accept"]},
+        {
+            "name": "refuse",
+            "match": {"from_domain_in": ["spammer.example"]},
+            "actions": [{"reject": "Go away"}],
+        },
+        {
+            "name": "quarantine",
+            "match": {"verdict": "spam"},
+            "actions": ["tag", "subject-prefix", {"redirect": "quarantine@example.org"}],
+        },
+    ]
+    engine = _engine(classifier, tiny_checkpoint, rules, spam=0.0)
+    envelope = Envelope("alice@example.com", ("bob@example.org", "carol@example.org"))
+    vip, quarantined = engine.check_many([MAIL, MAIL], [Envelope("a@vip.example"), envelope])
+    assert (vip.decision.rule, vip.decision.actions) == ("vip", ("accept",))
+    assert _head(vip.message)["X-Spam-Flag"] == "NO"
+    assert "X-Spam-Original-Recipients" not in _head(vip.message)
+    decision = quarantined.decision
+    assert (decision.verdict, decision.rule, decision.redirect_to) == (
+        "spam",
+        "quarantine",
+        "quarantine@example.org",
+    )
+    headers = _head(quarantined.message)
+    assert headers["Subject"] == "[SPAM] Lunch"
+    assert headers["X-Spam-Flag"] == "YES"
+    assert headers["X-Spam-Status"].startswith("Yes, score=")
+    assert headers["X-Spam-Original-Recipients"] == "bob@example.org, carol@example.org"
+    assert quarantined.message.endswith(b"\r\n\r\n" + BODY)
+    refused = engine.check(MAIL.replace(b"alice@example.com>", b"x@spammer.example>"))
+    assert (refused.decision.actions, refused.decision.reject_text) == (("reject",), "Go away")
+
+
+def test_gtube_is_spam_even_when_thresholds_say_ham(classifier, tiny_checkpoint):
+    engine = _engine(classifier, tiny_checkpoint, spam=1.01, unsure=1.01)
+    result = engine.check(b"Subject: test\n\n" + GTUBE + b"\n")
+    assert (result.decision.verdict, result.decision.score, result.decision.actions) == (
+        "spam",
+        1.0,
+        ("tag",),
+    )
+    assert _head(result.message)["X-Spam-Status"].endswith("tests=GTUBE")
+
+
+def test_bare_sms_gets_a_header_block_and_keeps_its_text(classifier, tiny_checkpoint):
+    result = _engine(classifier, tiny_checkpoint, spam=0.0).check(SMS)
+    head, _, body = result.message.partition(b"\n\n")
+    assert body == SMS
+    assert b"X-Spam-Flag: YES" in head
+
+
+def test_unchecked_strips_forgeries_and_says_so(classifier, tiny_checkpoint):
+    out = _engine(classifier, tiny_checkpoint).unchecked(MAIL)
+    headers = _head(out)
+    assert headers.get_all("X-Spam-Status") == ["unchecked"]
+    assert "X-Spam-Flag" not in headers
+    assert out.endswith(b"\r\n\r\n" + BODY)
