@@ -4,6 +4,7 @@ import click
 
 from spamfilterd import __version__
 from spamfilterd.pipe import check_config, classify
+from spamfilterd.serve import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,6 +15,7 @@ def main() -> None:
 
 main.add_command(classify)
 main.add_command(check_config)
+main.add_command(serve)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,167 @@
+"""Downstream delivery: a small asyncio SMTP/LMTP client that hands back every reply verbatim.
+
+The proxy relays each client command to the downstream MTA as it arrives and returns the
+downstream's own reply, so per-recipient answers reach the client unchanged. smtplib does not fit:
+it blocks (a thread per session), cannot read LMTP's one-reply-per-recipient answer to DATA, and
+its dot-stuffing treats a bare LF as a line end, which would alter the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+# MAIL FROM parameters we accept from clients; each is passed on only where downstream has the
+# matching EHLO keyword (RFC 5321 §4.1.1.11: never send a parameter the server did not announce).
+_PARAM_EXTENSION = {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8"}
+
+
+class DownstreamError(Exception):
+    """Downstream unreachable, timed out, closed the connection or spoke garbage."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply: the code and its text lines (enhanced status code included, if any)."""
+
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.lines)
+
+    def render(self) -> str:
+        """The reply as it goes on the wire (without the final CRLF), multi-line if it was."""
+        lines = self.lines or ("",)
+        head = [f"{self.code}-{line}" for line in lines[:-1]]
+        return "\r\n".join([*head, f"{self.code} {lines[-1]}".rstrip()])
+
+
+def dot_stuff(message: bytes) -> bytes:
+    """The message as DATA content: leading dots doubled, CRLF-terminated, plus the final dot."""
+    if message.startswith(b"."):
+        message = b"." + message
+    message = message.replace(b"\r\n.", b"\r\n..")
+    if message and not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    return message + b".\r\n"
+
+
+def mail_params(options: list[str], extensions: dict[str, str]) -> list[str]:
+    """The client's MAIL FROM parameters that downstream announced support for."""
+    kept = []
+    for option in options:
+        keyword = option.partition("=")[0].upper()
+        if _PARAM_EXTENSION.get(keyword) in extensions:
+            kept.append(option)
+    return kept
+
+
+def address(addr: str) -> str:
+    """`<addr>` for the wire; aiosmtpd gives the null sender as `<>` already."""
+    return addr if addr == "<>" else f"<{addr}>"
+
+
+class DownstreamConnection:
+    """One connection to the downstream MTA; every operation is bounded by `timeout` seconds."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float):
+        self._reader = reader
+        self._writer = writer
+        self._timeout = timeout
+        self.extensions: dict[str, str] = {}
+        self.closed = False
+
+    @classmethod
+    async def open(
+        cls, host: str, port: int, *, lmtp: bool, helo_name: str, timeout: float
+    ) -> DownstreamConnection:
+        """Connect and greet; any failure (including a non-2xx greeting) is a DownstreamError."""
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(host, port)
+        except (OSError, TimeoutError) as exc:
+            raise DownstreamError(f"cannot connect to {host}:{port}: {exc or 'timeout'}") from exc
+        conn = cls(reader, writer, timeout)
+        greeting = await conn._read_reply()
+        if greeting.code != 220:
+            conn.close()
+            raise DownstreamError(f"downstream greeted with {greeting.render()!r}")
+        hello = await conn.command(f"{'LHLO' if lmtp else 'EHLO'} {helo_name}")
+        if hello.code != 250:
+            conn.close()
+            raise DownstreamError(f"downstream refused {'LHLO' if lmtp else 'EHLO'}: {hello.render()!r}")
+        for line in hello.lines[1:]:
+            keyword, _, value = line.partition(" ")
+            conn.extensions[keyword.upper()] = value
+        return conn
+
+    async def mail(self, sender: str, options: list[str]) -> Reply:
+        params = mail_params(options, self.extensions)
+        return await self.command(" ".join([f"MAIL FROM:{address(sender)}", *params]))
+
+    async def rcpt(self, recipient: str) -> Reply:
+        return await self.command(f"RCPT TO:{address(recipient)}")
+
+    async def rset(self) -> Reply:
+        return await self.command("RSET")
+
+    async def data(self, message: bytes, replies: int) -> list[Reply]:
+        """Send the message; `replies` is 1 for SMTP, the number of accepted recipients for LMTP."""
+        start = await self.command("DATA")
+        if start.code != 354:
+            return [start] * replies
+        await self._send(dot_stuff(message))
+        return [await self._read_reply() for _ in range(replies)]
+
+    def quit(self) -> None:
+        """Say goodbye without waiting for the reply: the client's QUIT must not hang on ours."""
+        if not self.closed:
+            self._writer.write(b"QUIT\r\n")
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._writer.close()
+
+    async def command(self, line: str) -> Reply:
+        await self._send(line.encode("utf-8", "surrogateescape") + b"\r\n")
+        return await self._read_reply()
+
+    async def _send(self, data: bytes) -> None:
+        if self.closed:
+            raise DownstreamError("downstream connection already closed")
+        try:
+            self._writer.write(data)
+            async with asyncio.timeout(self._timeout):
+                await self._writer.drain()
+        except (OSError, TimeoutError) as exc:
+            self.close()
+            raise DownstreamError(f"sending to downstream failed: {exc or 'timeout'}") from exc
+
+    async def _read_reply(self) -> Reply:
+        lines: list[str] = []
+        try:
+            async with asyncio.timeout(self._timeout):
+                while True:
+                    raw = await self._reader.readline()
+                    if not raw.endswith(b"\n"):
+                        raise DownstreamError("downstream closed the connection")
+                    line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+                    if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
+                        raise DownstreamError(f"malformed downstream reply {line[:80]!r}")
+                    lines.append(line[4:])
+                    if line[3:4] != "-":
+                        return Reply(int(line[:3]), tuple(lines))
+        except (OSError, TimeoutError, ValueError, asyncio.LimitOverrunError) as exc:
+            self.close()
+            raise DownstreamError(f"reading downstream reply failed: {exc or 'timeout'}") from exc
+        except DownstreamError:
+            self.close()
+            raise

@@ -1,0 +1,480 @@
+"""The SMTP/LMTP proxy: aiosmtpd faces the client, the downstream MTA sits behind, the filter between.
+
+Commands are relayed in lock-step, like spampd does: MAIL FROM and each RCPT TO go to downstream
+as they arrive and downstream's own reply goes back to the client, so every recipient gets the
+downstream's real per-recipient answer and the client keeps what downstream would not take. The
+end of DATA is answered only after downstream answered the message (one reply per recipient in
+LMTP). Anything that goes wrong on our side is a 4xx: the sender keeps the message and retries.
+`protocol: lmtp` means LMTP on both sides (e.g. Postfix `lmtp:` → spamfilterd → Dovecot LMTP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import time
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import SMTP
+
+from spamfilterd.batcher import Batcher, ClassifierError
+from spamfilterd.config import Config, split_host_port
+from spamfilterd.relay import DownstreamConnection, DownstreamError, Reply
+from spamfilterd.rules import Envelope
+
+if TYPE_CHECKING:
+    from spamfilterd.engine import FilterEngine
+    from spamfilterd.http import Metrics
+
+log = logging.getLogger(__name__)
+
+DOWNSTREAM_DOWN = "451 4.4.1 Downstream mail server unavailable, try again later"
+DOWNSTREAM_LOST = "451 4.4.2 Lost the downstream mail server, try again later"
+DEADLINE = "451 4.4.2 Filtering took too long, try again later"
+CLASSIFIER_DOWN = "451 4.7.1 Spam filter unavailable, try again later"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"
+SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+
+# aiosmtpd's own size replies lack the enhanced status code that clients and logs expect.
+_ENHANCED = {
+    "552 Error: Too much mail data": "552 5.3.4 Message size exceeds fixed maximum message size",
+    "552 Error: message size exceeds fixed maximum message size": (
+        "552 5.3.4 Message size exceeds fixed maximum message size"
+    ),
+}
+_MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+_LOGFMT_BARE = re.compile(r"[^\s\"=\\]+")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a SIGHUP swaps in one assignment: config, the engine (model) and its batcher."""
+
+    config: Config
+    engine: FilterEngine
+    batcher: Batcher
+
+
+def build_runtime(
+    config: Config, metrics: Metrics | None = None, engine: FilterEngine | None = None
+) -> Runtime:
+    """Load the model named by `config` unless `engine` is given (slow: in a thread once serving)."""
+    if engine is None:
+        from spamfilterd.engine import FilterEngine
+
+        engine = FilterEngine.from_config(config)
+    batcher = Batcher(
+        engine,
+        batch_size=config.model.batch_size,
+        wait_ms=config.smtp.batch_wait_ms,
+        workers=config.smtp.workers,
+        timeout=config.smtp.classify_timeout,
+        on_batch=metrics.observe_batch if metrics is not None else None,
+    )
+    return Runtime(config, engine, batcher)
+
+
+@dataclass
+class Outcome:
+    """The fate of one message, for the client's reply, the log line and the metrics."""
+
+    verdict: str
+    score: float | None
+    actions: tuple[str, ...]
+    rule: str
+    action: str  # delivered | redirected | rejected | tempfailed | refused | deferred | partial
+    replies: list[str]
+    error: str | None = None
+
+
+def logfmt(fields: dict[str, Any]) -> str:
+    """`key=value` pairs, values quoted where needed, so grep and log shippers both cope."""
+    parts = []
+    for key, value in fields.items():
+        text = "" if value is None else str(value)
+        if not _LOGFMT_BARE.fullmatch(text):
+            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def message_id(raw: bytes) -> str:
+    """The Message-ID header (first one, unfolded, printable only) or "-" without one."""
+    head_end = raw.find(b"\r\n\r\n")
+    match = _MESSAGE_ID.search(raw if head_end < 0 else raw[: head_end + 2])
+    if not match:
+        return "-"
+    value = re.sub(rb"\s+", b" ", match.group(1)).strip().decode("ascii", "replace")
+    return "".join(c if c.isprintable() else "?" for c in value)[:200] or "-"
+
+
+def _passable(reply: Reply) -> Reply:
+    """A downstream 421 would tell our client that *we* are closing: make it a plain 451."""
+    return Reply(451, reply.lines) if reply.code == 421 else reply
+
+
+def _action(replies: list[Reply], success: str) -> str:
+    if all(r.ok for r in replies):
+        return success
+    if all(r.code >= 500 for r in replies):
+        return "refused"
+    return "partial" if any(r.ok for r in replies) else "deferred"
+
+
+class ProxyHandler:
+    """aiosmtpd hooks for one client connection; owns that connection's downstream connection."""
+
+    def __init__(self, proxy: SmtpProxy, lmtp: bool):
+        self.proxy = proxy
+        self.lmtp = lmtp
+        self.downstream: DownstreamConnection | None = None
+        # True while downstream holds a MAIL transaction the client may have abandoned (RSET,
+        # EHLO, an oversize DATA that aiosmtpd refused on its own): reset it before the next MAIL.
+        self.open_transaction = False
+
+    async def handle_EHLO(self, server, session, envelope, hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+    async def handle_MAIL(self, server, session, envelope, address: str, mail_options: list[str]) -> str:
+        if self.proxy.draining:
+            asyncio.get_running_loop().call_soon(server.transport.close)
+            return SHUTTING_DOWN
+        try:
+            reply = await self._start_transaction(address, mail_options)
+        except DownstreamError as exc:
+            self._drop(exc)
+            return DOWNSTREAM_DOWN
+        if reply.ok:
+            envelope.mail_from = address
+            envelope.mail_options.extend(mail_options)
+            self.open_transaction = True
+        return self._reply(reply)
+
+    async def handle_RCPT(self, server, session, envelope, address: str, rcpt_options: list[str]) -> str:
+        if len(envelope.rcpt_tos) >= self.proxy.runtime.config.smtp.max_recipients:
+            return TOO_MANY_RECIPIENTS
+        if self.downstream is None:
+            return DOWNSTREAM_LOST
+        try:
+            reply = await self.downstream.rcpt(address)
+        except DownstreamError as exc:
+            self._drop(exc)
+            return DOWNSTREAM_LOST
+        if reply.ok:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+        return self._reply(reply)
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        started = time.monotonic()
+        runtime = self.proxy.runtime
+        raw: bytes = envelope.original_content or b""
+        recipients = tuple(envelope.rcpt_tos)
+        try:
+            async with asyncio.timeout(runtime.config.smtp.data_timeout):
+                outcome = await self._filter_and_relay(
+                    runtime, envelope.mail_from, envelope.mail_options, recipients, raw
+                )
+        except TimeoutError:
+            self._drop("per-message deadline (smtp.data_timeout) exceeded", "deadline")
+            outcome = Outcome("unknown", None, (), "-", "deferred", [DEADLINE], "deadline")
+        self.open_transaction = False
+        self._record(runtime, outcome, envelope.mail_from, recipients, raw, time.monotonic() - started)
+        replies = outcome.replies
+        if self.lmtp and len(replies) != len(recipients):
+            replies = replies[:1] * len(recipients)
+        return "\r\n".join(replies if self.lmtp else replies[:1])
+
+    async def handle_QUIT(self, server, session, envelope) -> str:
+        if self.downstream is not None:
+            self.downstream.quit()
+            self.downstream = None
+        return "221 2.0.0 Bye"
+
+    def close(self) -> None:
+        """The client is gone: drop downstream too, which aborts any unfinished transaction."""
+        if self.downstream is not None:
+            self.downstream.close()
+            self.downstream = None
+
+    async def _start_transaction(self, address: str, options: list[str]) -> Reply:
+        """MAIL FROM downstream, on the session's connection if it still works, else a fresh one."""
+        if self.downstream is not None and not self.downstream.closed:
+            try:
+                if self.open_transaction:
+                    await self.downstream.rset()
+                    self.open_transaction = False
+                return await self.downstream.mail(address, options)
+            except DownstreamError as exc:  # e.g. downstream timed out the idle connection
+                self._drop(exc, None)
+        smtp = self.proxy.runtime.config.smtp
+        host, port = split_host_port(smtp.downstream)
+        self.downstream = await DownstreamConnection.open(
+            host, port, lmtp=self.lmtp, helo_name=self.proxy.hostname, timeout=smtp.downstream_timeout
+        )
+        self.open_transaction = False
+        return await self.downstream.mail(address, options)
+
+    async def _filter_and_relay(
+        self, runtime: Runtime, sender: str, options: list[str], recipients: tuple[str, ...], raw: bytes
+    ) -> Outcome:
+        if self.downstream is None or self.downstream.closed:
+            return Outcome("unknown", None, (), "-", "deferred", [DOWNSTREAM_LOST], "downstream")
+        envelope = Envelope(mail_from="" if sender == "<>" else sender, rcpt_tos=recipients)
+        try:
+            result = await runtime.batcher.check(raw, envelope)
+        except ClassifierError as exc:
+            log.warning("classifier error: %s", exc)
+            if runtime.config.smtp.on_classifier_error == "tempfail":
+                await self._abort()
+                return Outcome("unchecked", None, (), "-", "tempfailed", [CLASSIFIER_DOWN], "classifier")
+            message = await asyncio.to_thread(runtime.engine.unchecked, raw)
+            outcome = Outcome("unchecked", None, ("accept",), "-", "delivered", [], "classifier")
+            return await self._deliver(outcome, message, len(recipients))
+        decision = result.decision
+        outcome = Outcome(decision.verdict, decision.score, decision.actions, decision.rule, "", [])
+        if "reject" in decision.actions:
+            await self._abort()
+            outcome.action, outcome.replies = "rejected", [f"554 5.7.1 {decision.reject_text}"]
+            return outcome
+        if "tempfail" in decision.actions:
+            await self._abort()
+            outcome.action, outcome.replies = "tempfailed", [f"451 4.7.1 {decision.tempfail_text}"]
+            return outcome
+        if "redirect" in decision.actions and decision.redirect_to:
+            return await self._redirect(outcome, sender, options, decision.redirect_to, result.message)
+        return await self._deliver(outcome, result.message, len(recipients))
+
+    async def _deliver(self, outcome: Outcome, message: bytes, recipients: int) -> Outcome:
+        assert self.downstream is not None
+        try:
+            replies = await self.downstream.data(message, recipients if self.lmtp else 1)
+        except DownstreamError as exc:
+            self._drop(exc)
+            outcome.action, outcome.replies, outcome.error = "deferred", [DOWNSTREAM_LOST], "downstream"
+            return outcome
+        replies = [_passable(r) for r in replies]
+        outcome.action = _action(replies, "delivered")
+        outcome.replies = [r.render() for r in replies]
+        return outcome
+
+    async def _redirect(
+        self, outcome: Outcome, sender: str, options: list[str], quarantine: str, message: bytes
+    ) -> Outcome:
+        """A new downstream transaction to the quarantine address only; its answer is everyone's."""
+        assert self.downstream is not None
+        try:
+            await self.downstream.rset()
+            setup = [await self.downstream.mail(sender, options)]
+            if setup[0].ok:
+                setup.append(await self.downstream.rcpt(quarantine))
+        except DownstreamError as exc:
+            self._drop(exc)
+            outcome.action, outcome.replies, outcome.error = "deferred", [DOWNSTREAM_LOST], "downstream"
+            return outcome
+        if not setup[-1].ok:
+            # Our quarantine setting is at fault, not the sender: defer, never bounce.
+            await self._abort()
+            outcome.action, outcome.error = "deferred", "quarantine"
+            outcome.replies = [f"451 4.3.5 Quarantine delivery refused: {setup[-1].code} {setup[-1].text}"]
+            return outcome
+        outcome = await self._deliver(outcome, message, 1)
+        if outcome.action == "delivered":
+            outcome.action = "redirected"
+        return outcome
+
+    async def _abort(self) -> None:
+        """Cancel the downstream transaction (the message is rejected or deferred by us)."""
+        if self.downstream is None:
+            return
+        try:
+            await self.downstream.rset()
+        except DownstreamError as exc:
+            self._drop(exc)
+
+    def _drop(self, reason: object, kind: str | None = "downstream") -> None:
+        """Forget the downstream connection; `kind` counts as an error (None: routine, e.g. stale)."""
+        downstream = self.proxy.runtime.config.smtp.downstream
+        log.log(logging.WARNING if kind else logging.DEBUG, "downstream %s: %s", downstream, reason)
+        if kind:
+            self.proxy.metrics.errors[kind] += 1
+        self.close()
+        self.open_transaction = False
+
+    def _reply(self, reply: Reply) -> str:
+        if reply.code == 421:
+            self.close()
+        return _passable(reply).render()
+
+    def _record(
+        self, runtime: Runtime, outcome: Outcome, sender: str, recipients: tuple, raw: bytes, seconds: float
+    ) -> None:
+        """One log line and the metrics for a message; never any of its content."""
+        if outcome.error == "classifier":
+            self.proxy.metrics.errors["classifier"] += 1
+        self.proxy.metrics.observe_message(outcome.verdict, outcome.action, seconds)
+        fields = {
+            "message_id": message_id(raw),
+            "from": sender,
+            "rcpts": len(recipients),
+            "size": len(raw),
+            "verdict": outcome.verdict,
+            "score": "-" if outcome.score is None else f"{outcome.score:.3f}",
+            "actions": ",".join(outcome.actions) or "-",
+            "rule": outcome.rule,
+            "action": outcome.action,
+            "reply": outcome.replies[0] if outcome.replies else "-",
+            "ms": round(seconds * 1000),
+            "model": runtime.engine.model_id,
+        }
+        log.info(logfmt(fields), extra={"fields": fields})
+
+
+class _ProxySession:
+    """What our SMTP and LMTP sessions add to aiosmtpd: session limits, draining, enhanced codes."""
+
+    # aiosmtpd refuses lines over 1001 bytes with a permanent 500 after DATA; mail that an MTA
+    # already accepted must not bounce here for that, so allow long (non-RFC) lines.
+    line_length_limit = 65_536
+
+    def __init__(self, proxy: SmtpProxy, handler: ProxyHandler, **kwargs: Any):
+        super().__init__(handler, **kwargs)  # type: ignore[call-arg]
+        self.proxy = proxy
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            status = _ENHANCED.get(status, status)
+        await super().push(status)  # type: ignore[misc]
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)  # type: ignore[misc]
+        self.event_handler.close()  # type: ignore[attr-defined]
+        self.proxy.session_closed(self)
+
+    def idle(self) -> bool:
+        """No mail transaction open: closing now loses nothing."""
+        envelope = self.envelope  # type: ignore[attr-defined]
+        return envelope is None or envelope.mail_from is None
+
+    def shut_down(self) -> None:
+        """RFC 5321 §3.8: tell the client with a 421 before closing the channel."""
+        transport = self.transport  # type: ignore[attr-defined]
+        if transport is not None and not transport.is_closing():
+            transport.write(SHUTTING_DOWN.encode() + b"\r\n")
+            transport.close()
+
+    async def smtp_DATA(self, arg: str) -> None:
+        await super().smtp_DATA(arg)  # type: ignore[misc]
+        if self.proxy.draining:
+            self.shut_down()
+
+    async def smtp_RSET(self, arg: str) -> None:
+        await super().smtp_RSET(arg)  # type: ignore[misc]
+        if self.proxy.draining:
+            self.shut_down()
+
+
+class SmtpSession(_ProxySession, SMTP):
+    pass
+
+
+class LmtpSession(_ProxySession, LMTP):
+    pass
+
+
+class _Refuse(asyncio.Protocol):
+    """Answers a connection over `max_sessions` (or during shutdown) and hangs up at once."""
+
+    def __init__(self, reply: str):
+        self.reply = reply
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self.reply.encode() + b"\r\n")  # type: ignore[attr-defined]
+        transport.close()
+
+
+class SmtpProxy:
+    """The listening socket and its sessions; `runtime` is swapped whole on reload."""
+
+    def __init__(self, runtime: Runtime, metrics: Metrics, hostname: str | None = None):
+        self.runtime = runtime
+        self.metrics = metrics
+        # Resolved once: aiosmtpd would otherwise call socket.getfqdn() (DNS) on every connection.
+        self.hostname = hostname or socket.gethostname()
+        self.draining = False
+        self._sessions: weakref.WeakSet[_ProxySession] = weakref.WeakSet()
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen (port 0 = any free port); returns the bound address."""
+        self._server = await asyncio.get_running_loop().create_server(
+            self._new_session, host, port, reuse_address=True
+        )
+        return self._server.sockets[0].getsockname()[:2]
+
+    def swap(self, runtime: Runtime) -> Runtime:
+        """Serve new messages with `runtime`; messages already being checked finish on the old one."""
+        old, self.runtime = self.runtime, runtime
+        return old
+
+    @property
+    def sessions(self) -> int:
+        return len(self._sessions)
+
+    def session_closed(self, session: _ProxySession) -> None:
+        self._sessions.discard(session)
+        self.metrics.sessions = len(self._sessions)
+
+    async def shutdown(self, grace: float) -> bool:
+        """Stop listening, close idle sessions, let open transactions finish for up to `grace` s.
+
+        Returns False when sessions had to be cut: their clients got no final reply, so they
+        keep the message and retry. Nothing that was answered 250 is ever lost.
+        """
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for session in list(self._sessions):
+            if session.idle():
+                session.shut_down()
+        deadline = time.monotonic() + grace
+        while self._sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        leftover = list(self._sessions)
+        for session in leftover:
+            transport = session.transport  # type: ignore[attr-defined]
+            if transport is not None:
+                transport.abort()
+        await asyncio.sleep(0)
+        return not leftover
+
+    def _new_session(self) -> asyncio.Protocol:
+        smtp = self.runtime.config.smtp
+        if self.draining:
+            return _Refuse(SHUTTING_DOWN)
+        if len(self._sessions) >= smtp.max_sessions:
+            self.metrics.sessions_refused += 1
+            return _Refuse(TOO_MANY_SESSIONS)
+        lmtp = smtp.protocol == "lmtp"
+        session_class = LmtpSession if lmtp else SmtpSession
+        session = session_class(
+            self,
+            ProxyHandler(self, lmtp),
+            data_size_limit=smtp.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=self.hostname,
+            ident=f"{'LMTP' if lmtp else 'ESMTP'} spamfilterd",
+            timeout=smtp.command_timeout,
+            loop=asyncio.get_running_loop(),
+        )
+        self._sessions.add(session)
+        self.metrics.sessions = len(self._sessions)
+        return session
