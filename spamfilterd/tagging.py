@@ -100,11 +100,14 @@ def _prefixed_subject(field: bytes, prefix: str) -> bytes:
 
 def _clean(value: str) -> str:
     """Header values we write come from config and model cards: never let them inject lines."""
-    return re.sub(r"[\x00-\x1f\x7f]+", " ", value).strip()
+    return re.sub(r"[\x00-\x1f\x7f]+", " ", value).strip()[:900]
 
 
-def _fold(name: str, value: str, newline: bytes) -> bytes:
-    """Fold at spaces so long values stay under 78 columns where possible (RFC 5322 2.2.3)."""
+def _header_line(name: str, value: str, newline: bytes) -> bytes:
+    """Status headers stay on one line (under 998 bytes) so grep and procmail see them whole;
+    the recipient list, which grows with the envelope, is folded at 78 columns (RFC 5322 2.2.3)."""
+    if name.lower() != ORIGINAL_RECIPIENTS.lower():
+        return f"{name}: {value}".encode("ascii", "replace") + newline
     out = f"{name}:"
     width = len(out)
     for word in value.split(" "):
@@ -142,7 +145,7 @@ def rewrite_headers(
             add = [*add, ("Subject", subject_prefix.rstrip())]
     if kept and not kept[-1].endswith(b"\n"):
         kept[-1] += nl
-    added = [_fold(name, _clean(value), nl) for name, value in add]
+    added = [_header_line(name, _clean(value), nl) for name, value in add]
     rest = parts.rest
     if rest and not rest.startswith((b"\n", b"\r\n")):
         rest = nl + rest

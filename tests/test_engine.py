@@ -18,6 +18,7 @@ MAIL = (
     b"X-Spam-Status: No, score=0.000\r\n required=9\r\n"
     b"\r\n" + BODY
 )
+SAMPLES = Path(__file__).parent / "data" / "messages"
 SMS = b"Urgent: you have won a 1 week FREE membership in our prize jackpot! Txt CLAIM to 81010"
 
 
@@ -74,7 +75,7 @@ def test_ham_gets_status_headers_forged_ones_removed_body_unchanged(classifier, 
     headers = _head(result.message)
     score = f"{result.decision.score:.3f}"
     assert headers["X-Spam-Flag"] == "NO"
-    assert headers["X-Spam-Status"].replace("\r\n", "") == (
+    assert headers["X-Spam-Status"] == (
         f"No, score={score} required=1.010 verdict=ham rule=default model={engine.model_id}"
     )
     assert headers["X-Spam-Score"] == score
@@ -142,3 +143,24 @@ def test_unchecked_strips_forgeries_and_says_so(classifier, tiny_checkpoint):
     assert headers.get_all("X-Spam-Status") == ["unchecked"]
     assert "X-Spam-Flag" not in headers
     assert out.endswith(b"\r\n\r\n" + BODY)
+
+
+@pytest.mark.parametrize("sample", sorted(SAMPLES.glob("*")), ids=lambda p: p.name)
+def test_sample_messages_keep_headers_and_body_bytes(classifier, tiny_checkpoint, sample):
+    rules = [{"match": {"verdict": "spam"}, "actions": ["tag", "subject-prefix"]}]
+    raw = sample.read_bytes()
+    result = _engine(classifier, tiny_checkpoint, rules, spam=0.0).check(raw)
+    assert result.decision.verdict == "spam" and result.text_chars > 0
+    out = result.message
+    if sample.suffix == ".txt":  # a bare SMS: a header block in front, the text unchanged
+        assert out.endswith(b"\n\n" + raw) and out.startswith(b"X-Spam-Flag: YES\n")
+        return
+    head, body = raw.split(b"\n\n", 1)
+    new_head, new_body = out.split(b"\n\n", 1)
+    assert new_body == body
+    kept = [line for line in head.split(b"\n") if not line.startswith(b"X-Spam-")]
+    assert [line for line in new_head.split(b"\n") if not line.startswith(b"X-Spam-")] == [
+        b"Subject: [SPAM] " + line[len(b"Subject: ") :] if line.startswith(b"Subject: ") else line
+        for line in kept
+    ]
+    assert new_head.count(b"\nX-Spam-") == 5 and _head(out)["X-Spam-Flag"] == "YES"

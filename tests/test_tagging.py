@@ -131,7 +131,7 @@ def test_status_headers_shape():
     assert status["X-Spam-Level"] == "**********"
 
 
-def test_header_values_cannot_inject_lines_and_long_values_fold():
+def test_header_values_cannot_inject_lines_and_recipient_lists_fold():
     recipients = tuple(f"user{i}@example.com" for i in range(30))
     out = rewrite_headers(
         b"Subject: x\r\n\r\nb",
@@ -139,6 +139,12 @@ def test_header_values_cannot_inject_lines_and_long_values_fold():
     )
     assert b"\r\nBcc:" not in out
     lines = out.split(b"\r\n\r\n")[0].split(b"\r\n")
-    assert all(len(line) <= 78 for line in lines)
+    assert all(len(line) <= 78 for line in lines if b"Spam-Model" not in line)
     parsed = _headers(out)
     assert parsed["X-Spam-Original-Recipients"].replace("\r\n", "") == ", ".join(recipients)
+
+
+def test_status_header_stays_on_one_line():
+    status = "Yes, score=0.987 required=0.500 verdict=spam rule=a-rather-long-rule-name model=" + "m" * 60
+    out = rewrite_headers(b"Subject: x\n\nb", [("X-Spam-Status", status)])
+    assert b"\nX-Spam-Status: " + status.encode() + b"\n\nb" in out
