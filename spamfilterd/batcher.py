@@ -84,9 +84,14 @@ class Batcher:
             return
         if self._on_batch is not None:
             self._on_batch(len(batch))
-        work = asyncio.get_running_loop().run_in_executor(
-            self._pool, self.engine.check_many, [p.raw for p in batch], [p.envelope for p in batch]
-        )
+        loop = asyncio.get_running_loop()
+        try:
+            work = loop.run_in_executor(
+                self._pool, self.engine.check_many, [p.raw for p in batch], [p.envelope for p in batch]
+            )
+        except RuntimeError as exc:  # the pool was shut down (a reload raced with this batch)
+            work = loop.create_future()
+            work.set_exception(exc)
         work.add_done_callback(lambda done: _deliver(batch, done))
 
 

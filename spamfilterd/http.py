@@ -85,7 +85,7 @@ class Metrics:
         metric(
             "spamfilterd_errors_total",
             "counter",
-            "Failures by kind (classifier, classifier_timeout, downstream, deadline).",
+            "Failures by kind (classifier, downstream, deadline, quarantine).",
             [(f'{{kind="{_label(k)}"}}', n) for k, n in sorted(self.errors.items())],
         )
         metric("spamfilterd_sessions", "gauge", "Open SMTP/LMTP client sessions.", [("", self.sessions)])

@@ -317,8 +317,8 @@ class ProxyHandler:
         self, runtime: Runtime, outcome: Outcome, sender: str, recipients: tuple, raw: bytes, seconds: float
     ) -> None:
         """One log line and the metrics for a message; never any of its content."""
-        if outcome.error == "classifier":
-            self.proxy.metrics.errors["classifier"] += 1
+        if outcome.error in ("classifier", "quarantine"):  # downstream/deadline: counted in _drop
+            self.proxy.metrics.errors[outcome.error] += 1
         self.proxy.metrics.observe_message(outcome.verdict, outcome.action, seconds)
         fields = {
             "message_id": message_id(raw),

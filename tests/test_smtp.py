@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+import socket
 import threading
 import time
 import urllib.error
@@ -589,3 +590,33 @@ def test_log_line_has_the_fields_and_no_body(harness, caplog):
     ):
         assert part in line
     assert "Köln" not in line and "x" * 100 not in line
+
+
+def test_pipelined_commands_get_their_replies_in_order(harness):
+    message = make_message("pipelined").replace(b"\r\n.", b"\r\n..")
+    with socket.create_connection(("127.0.0.1", harness.port), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220 ")
+        sock.sendall(b"EHLO client.test\r\n")
+        while not reader.readline().startswith(b"250 "):
+            pass
+        sock.sendall(
+            b"MAIL FROM:<alice@example.org> BODY=8BITMIME\r\n"
+            b"RCPT TO:<bob@example.net>\r\nRCPT TO:<carol@example.net>\r\nDATA\r\n"
+        )
+        replies = [reader.readline()[:3] for _ in range(4)]
+        assert replies == [b"250", b"250", b"250", b"354"]
+        sock.sendall(message + b".\r\nQUIT\r\n")
+        assert reader.readline().startswith(b"250 ")
+        assert reader.readline().startswith(b"221 ")
+    (got,) = harness.sink.received
+    assert got.rcpt_tos == ["bob@example.net", "carol@example.net"]
+
+
+def test_smtputf8_envelope_passes_unchanged(harness):
+    with harness.client() as conn:
+        options = ["SMTPUTF8", "BODY=8BITMIME"]
+        assert conn.sendmail("jörg@exämple.org", ["zoë@example.net"], make_message("utf8"), options) == {}
+    (got,) = harness.sink.received
+    assert (got.mail_from, got.rcpt_tos) == ("jörg@exämple.org", ["zoë@example.net"])
+    assert "SMTPUTF8" in got.mail_options

@@ -1,0 +1,167 @@
+"""`spamfilterd serve` as a real process: readiness via sd_notify, SIGHUP reloads, SIGTERM drains.
+
+These start a subprocess that imports torch (a few seconds), so the whole life cycle — start,
+reload with a broken config, reload with a good one, stop in the middle of a transfer — runs in
+one daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_smtp import HAM, SPAM, LoopThread, Sink, make_message, split
+
+START_TIMEOUT = 90  # importing torch on a busy 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Notifications:
+    """The receiving end of $NOTIFY_SOCKET, as systemd would hold it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.seen: list[str] = []
+
+    def wait_for(self, line: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                message = self.sock.recv(4096).decode()
+            except TimeoutError:
+                break
+            self.seen.append(message)
+            if line in message.splitlines():
+                return message
+        raise AssertionError(f"no {line!r} from the daemon within {timeout} s; got {self.seen}")
+
+
+@pytest.fixture
+def daemon_env(tmp_path):
+    lt = LoopThread()
+    sink = Sink(lt).start()
+    notify = Notifications(tmp_path / "notify")
+    yield sink, notify
+    notify.sock.close()
+    sink.stop()
+    lt.close()
+
+
+def write_config(path: Path, checkpoint: Path, sink_port: int, smtp_port: int, http_port: int, thresholds):
+    data = {
+        "model": {"checkpoint": str(checkpoint), "device": "cpu", "threads": 1},
+        "thresholds": thresholds,
+        "smtp": {"listen": f"127.0.0.1:{smtp_port}", "downstream": f"127.0.0.1:{sink_port}"},
+        "http": {"listen": f"127.0.0.1:{http_port}"},
+    }
+    path.write_text(yaml.safe_dump(data))
+
+
+def spamfilterd(*args: str, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    command = [sys.executable, "-c", "from spamfilterd.cli import main; main()", *args]
+    stderr = log.open("wb") if log else subprocess.PIPE
+    return subprocess.Popen(
+        command, env={**os.environ, **(env or {})}, stderr=stderr, stdout=subprocess.DEVNULL
+    )
+
+
+def refused(port: int) -> bool:
+    """No new sessions while draining: the socket is closed (or, in a race, a 421 greeting)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            return sock.recv(3) in (b"421", b"")
+    except OSError:
+        return True
+
+
+def send(port: int, tag: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as conn:
+        assert conn.sendmail("alice@example.org", ["bob@example.net"], make_message(tag)) == {}
+
+
+def get(url: str) -> str:
+    return urllib.request.urlopen(url, timeout=10).read().decode()
+
+
+def test_serve_signals_readiness_reloads_safely_and_drains_on_sigterm(tiny_checkpoint, tmp_path, daemon_env):
+    sink, notify = daemon_env
+    smtp_port, http_port = free_port(), free_port()
+    config, log = tmp_path / "config.yaml", tmp_path / "daemon.log"
+    write_config(config, tiny_checkpoint, sink.port, smtp_port, http_port, HAM)
+    proc = spamfilterd("serve", "--config", str(config), env={"NOTIFY_SOCKET": str(notify.path)}, log=log)
+    try:
+        notify.wait_for("READY=1", START_TIMEOUT)
+        send(smtp_port, "first")
+        assert b"X-Spam-Flag: NO" in sink.received[-1].content
+        assert get(f"http://127.0.0.1:{http_port}/healthz") == "ok\n"
+        assert get(f"http://127.0.0.1:{http_port}/readyz") == "ready\n"
+
+        config.write_text("smtp: [this is not: valid yaml\n")
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("READY=1", 30)  # RELOADING=1 first, READY=1 once the attempt is over
+        assert any("RELOADING=1" in m for m in notify.seen)
+        send(smtp_port, "after-broken-reload")
+        assert len(sink.received) == 2
+        metrics = get(f"http://127.0.0.1:{http_port}/metrics")
+        assert 'spamfilterd_reloads_total{result="failed"} 1' in metrics
+        assert 'spamfilterd_messages_total{verdict="ham",action="delivered"} 2' in metrics
+
+        write_config(config, tiny_checkpoint, sink.port, smtp_port, http_port, SPAM)
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("READY=1", 60)
+        send(smtp_port, "after-good-reload")
+        assert b"X-Spam-Flag: YES" in sink.received[-1].content
+
+        # SIGTERM while a client is in the middle of DATA: the message is finished and delivered.
+        message = make_message("in-flight")
+        conn = smtplib.SMTP("127.0.0.1", smtp_port, timeout=30)
+        conn.ehlo()
+        assert conn.mail("alice@example.org")[0] == 250
+        assert conn.rcpt("bob@example.net")[0] == 250
+        conn.putcmd("data")
+        assert conn.getreply()[0] == 354
+        stuffed = message.replace(b"\r\n.", b"\r\n..")
+        conn.send(stuffed[:200])
+        proc.send_signal(signal.SIGTERM)
+        notify.wait_for("STOPPING=1", 10)
+        assert refused(smtp_port)
+        conn.send(stuffed[200:] + b".\r\n")
+        code, _ = conn.getreply()
+        assert code == 250
+        assert split(sink.received[-1].content)[1] == split(message)[1]
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "reload failed, still serving the previous config and model" in text
+    assert "message_id=<in-flight@test.example>" in text
+    assert "Köln" not in text  # no message content in the log
+
+
+def test_serve_exits_78_on_an_invalid_config(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("smtp:\n  max_sessions: many\n")
+    proc = spamfilterd("serve", "--config", str(config))
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 78
+    assert b"smtp.max_sessions" in stderr or b"model.checkpoint" in stderr
