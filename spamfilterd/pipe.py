@@ -7,6 +7,7 @@ path out of these commands ends in one of the documented codes, never a tracebac
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,6 +113,9 @@ def classify(
         _exit(str(exc), EXIT_CONFIG_ERROR, tempfail)
     except _Failure as exc:
         _exit(str(exc), exc.code, tempfail)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        _exit("standard output was closed before all output was written", EXIT_ERROR, tempfail)
     except Exception as exc:  # the MDA must see a documented exit code, never Python's 1 (= ham)
         _exit(f"unexpected {type(exc).__name__}: {exc}", EXIT_ERROR, tempfail)
     if code == EXIT_ERROR and tempfail:
@@ -164,9 +168,12 @@ def _messages(inputs: tuple[str, ...], errors: list[str]) -> Iterator[tuple[str,
             continue
         try:
             yield from iter_messages(Path(name))
-        except (MailSourceError, OSError) as exc:
+        except MailSourceError as exc:  # its message names the path and what to pass instead
             errors.append(name)
-            click.echo(f"spamfilterd: error: {name}: {exc}", err=True)
+            click.echo(f"spamfilterd: error: {exc}", err=True)
+        except OSError as exc:
+            errors.append(name)
+            click.echo(f"spamfilterd: error: {name}: {exc.strerror or exc}", err=True)
 
 
 def _chunks(messages: Iterator[tuple[str, bytes]], size: int) -> Iterator[list[tuple[str, bytes]]]:
