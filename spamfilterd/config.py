@@ -144,24 +144,25 @@ def read_card_thresholds(checkpoint: Path) -> dict[str, float]:
     card = checkpoint_files(checkpoint)[1]
     try:
         thresholds = json.loads(card.read_text()).get("thresholds", {})
-    except (OSError, ValueError, AttributeError) as exc:
+        return {k: float(v) for k, v in thresholds.items() if k in ("spam", "unsure")}
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise ConfigError(f"model.checkpoint: unreadable model card {card}: {exc}") from None
-    return {k: float(v) for k, v in thresholds.items() if k in ("spam", "unsure")}
 
 
-def effective_thresholds(configured: ThresholdsConfig, card: dict[str, float]) -> tuple[float, float]:
+def effective_thresholds(config: Config, card: dict[str, float]) -> tuple[float, float]:
     """(spam, unsure): the config's values, else the model card's; 0.5 where neither has one.
 
     An unsure threshold taken from the card never exceeds the spam threshold, so `spam: 0.0`
     alone really makes everything spam.
     """
+    configured = config.thresholds
     spam = configured.spam if configured.spam is not None else card.get("spam", 0.5)
     if configured.unsure is None:
         return spam, min(card.get("unsure", spam), spam)
     if configured.unsure > spam:
         raise ConfigError(
-            f"thresholds.unsure: {configured.unsure} is above the model card's spam threshold {spam}"
-            " (set thresholds.spam too)"
+            f"{config.source or 'built-in defaults'}: thresholds.unsure: {configured.unsure} is above"
+            f" the model card's spam threshold {spam} (set thresholds.spam too)"
         )
     return spam, configured.unsure
 

@@ -1,8 +1,8 @@
 """FilterEngine: raw messages in, decisions and tagged message bytes out.
 
 The pipe filter and the SMTP proxy both go through here, so a message gets the same verdict,
-the same rule and the same headers whichever way it arrives. Not re-entrant: the classifier
-runs one batch at a time, callers serialise (the SMTP proxy batches through one worker).
+the same rule and the same headers whichever way it arrives. The engine keeps no per-call
+state, so it is exactly as thread-safe as the classifier's `score`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class FilterEngine:
         self.classifier = classifier
         self.model_id: str = classifier.model_id
         card = {"spam": classifier.spam_threshold, "unsure": classifier.unsure_threshold}
-        self.spam_threshold, self.unsure_threshold = effective_thresholds(config.thresholds, card)
+        self.spam_threshold, self.unsure_threshold = effective_thresholds(config, card)
 
     @classmethod
     def from_config(cls, config: Config) -> FilterEngine:
@@ -91,4 +91,5 @@ class FilterEngine:
 
     def unchecked(self, raw: bytes) -> bytes:
         """The message to pass on when the classifier failed: no forged verdict survives it."""
-        return rewrite_headers(raw, [(STATUS, "unchecked")])
+        bare_text = not message_to_text(raw, self.config.message.max_bytes).is_email
+        return rewrite_headers(raw, [(STATUS, "unchecked")], bare_text=bare_text)

@@ -131,7 +131,7 @@ def check_config(config_path: Path | None, model_path: Path | None) -> None:
     try:
         config = load_config(config_path, model_path)
         card = read_card_thresholds(config.model.checkpoint)
-        spam, unsure = effective_thresholds(config.thresholds, card)
+        spam, unsure = effective_thresholds(config, card)
     except ConfigError as exc:
         _exit(str(exc), EXIT_CONFIG_ERROR, False)
     source = config.source or "built-in defaults (no config file found)"

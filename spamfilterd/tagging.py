@@ -107,7 +107,7 @@ def _header_line(name: str, value: str, newline: bytes) -> bytes:
     """Status headers stay on one line (under 998 bytes) so grep and procmail see them whole;
     the recipient list, which grows with the envelope, is folded at 78 columns (RFC 5322 2.2.3)."""
     if name.lower() != ORIGINAL_RECIPIENTS.lower():
-        return f"{name}: {value}".encode("ascii", "replace") + newline
+        return f"{name}: {value}".encode() + newline
     out = f"{name}:"
     width = len(out)
     for word in value.split(" "):
@@ -117,7 +117,7 @@ def _header_line(name: str, value: str, newline: bytes) -> bytes:
         else:
             out += " " + word
             width += 1 + len(word)
-    return out.encode("ascii", "replace") + newline
+    return out.encode() + newline  # UTF-8 only for SMTPUTF8 addresses (RFC 6532)
 
 
 def rewrite_headers(

@@ -10,6 +10,7 @@ from spamfilterd.config import (
     CONFIG_ENV,
     Config,
     ConfigError,
+    ModelConfig,
     SmtpConfig,
     ThresholdsConfig,
     config_to_dict,
@@ -202,14 +203,17 @@ def test_actions_with_arguments_and_defaults(workdir):
 
 
 def test_effective_thresholds():
-    card = {"spam": 0.6, "unsure": 0.4}
-    assert effective_thresholds(ThresholdsConfig(), card) == (0.6, 0.4)
-    assert effective_thresholds(ThresholdsConfig(spam=0.0), card) == (0.0, 0.0)
-    assert effective_thresholds(ThresholdsConfig(spam=1.01, unsure=1.01), card) == (1.01, 1.01)
-    with pytest.raises(
-        ConfigError, match=r"thresholds\.unsure: 0\.7 is above the model card's spam threshold"
-    ):
-        effective_thresholds(ThresholdsConfig(unsure=0.7), card)
+    def effective(**thresholds):
+        config = Config(model=ModelConfig(Path("m")), thresholds=ThresholdsConfig(**thresholds))
+        return effective_thresholds(config, {"spam": 0.6, "unsure": 0.4})
+
+    assert effective() == (0.6, 0.4)
+    assert effective(spam=0.0) == (0.0, 0.0)
+    assert effective(spam=1.01, unsure=1.01) == (1.01, 1.01)
+    assert effective(unsure=0.2) == (0.6, 0.2)
+    expected = r"built-in defaults: thresholds\.unsure: 0\.7 is above the model card's spam threshold 0\.6"
+    with pytest.raises(ConfigError, match=expected):
+        effective(unsure=0.7)
 
 
 def test_split_host_port():

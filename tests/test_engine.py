@@ -138,11 +138,13 @@ def test_bare_sms_gets_a_header_block_and_keeps_its_text(classifier, tiny_checkp
 
 
 def test_unchecked_strips_forgeries_and_says_so(classifier, tiny_checkpoint):
-    out = _engine(classifier, tiny_checkpoint).unchecked(MAIL)
+    engine = _engine(classifier, tiny_checkpoint)
+    out = engine.unchecked(MAIL)
     headers = _head(out)
     assert headers.get_all("X-Spam-Status") == ["unchecked"]
     assert "X-Spam-Flag" not in headers
     assert out.endswith(b"\r\n\r\n" + BODY)
+    assert engine.unchecked(SMS) == b"X-Spam-Status: unchecked\n\n" + SMS
 
 
 @pytest.mark.parametrize("sample", sorted(SAMPLES.glob("*")), ids=lambda p: p.name)
