@@ -91,8 +91,10 @@ RULES = [
 
 
 def test_many_files_mbox_and_maildir_give_one_json_line_each(tmp_path, tiny_checkpoint):
-    samples = sorted(SAMPLES.glob("*"))
-    shutil.copytree(SAMPLES, tmp_path / "inbox")
+    samples = [*SAMPLES.glob("*.eml"), SAMPLES / "sms.txt"]
+    (tmp_path / "inbox").mkdir()
+    for sample in samples:
+        shutil.copy(sample, tmp_path / "inbox")
     (tmp_path / "archive.mbox").write_bytes(MBOX)
     maildir = tmp_path / "Maildir"
     for sub in ("cur", "new", "tmp"):
