@@ -620,3 +620,18 @@ def test_smtputf8_envelope_passes_unchanged(harness):
     (got,) = harness.sink.received
     assert (got.mail_from, got.rcpt_tos) == ("jörg@exämple.org", ["zoë@example.net"])
     assert "SMTPUTF8" in got.mail_options
+
+
+def test_a_downstream_that_never_answers_gives_451(harness, lt):
+    async def silent_server():
+        return await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+
+    server = lt.run(silent_server())
+    try:
+        port = server.sockets[0].getsockname()[1]
+        harness.reconfigure(smtp={"downstream": f"127.0.0.1:{port}", "downstream_timeout": 0.5})
+        with pytest.raises(smtplib.SMTPSenderRefused) as err:
+            harness.send(make_message("silence"))
+        assert (err.value.smtp_code, err.value.smtp_error[:5]) == (451, b"4.4.1")
+    finally:
+        server.close()

@@ -10,6 +10,8 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,7 +91,7 @@ def test_service_is_hardened():
 def _verifiable_copies(tmp_path: Path) -> list[Path]:
     """verify insists that ExecStart binaries exist: point the copies at /bin/true."""
     copies = []
-    for unit in sorted(UNITS.glob("spamfilterd*.*")):
+    for unit in sorted([*UNITS.glob("*.service"), *UNITS.glob("*.timer")]):
         text = re.sub(r"/opt/spamfilterd/bin/\S+", "/bin/true", unit.read_text())
         copy = tmp_path / unit.name
         copy.write_text(text)
@@ -120,3 +122,62 @@ def test_exposure_score_is_below_4():
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) < MAX_EXPOSURE
+
+
+FAKE_TRAIN = """#!/bin/sh
+# Stands in for spamfilterd-train: `evaluate` prints canned metrics, training makes --out.
+if [ "$1" = evaluate ]; then
+    case "$3" in */model) cat "$FAKE/current.json" ;; *) cat "$FAKE/candidate.json" ;; esac
+    exit 0
+fi
+while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
+mkdir -p "$out" && echo '{}' > "$out/model.json"
+"""
+
+
+def _retrain(tmp_path: Path, candidate: str, current: str = "{}") -> subprocess.CompletedProcess:
+    fake, state = tmp_path / "bin", tmp_path / "state"
+    fake.mkdir(exist_ok=True)
+    (fake / "spamfilterd-train").write_text(FAKE_TRAIN)
+    (fake / "spamfilterd-train").chmod(0o755)
+    if not (fake / "python").exists():
+        (fake / "python").symlink_to(sys.executable)
+    (fake / "candidate.json").write_text(candidate)
+    (fake / "current.json").write_text(current)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "STATE_DIRECTORY": str(state),
+        "SPAMFILTERD_BIN": str(fake),
+        "FAKE": str(fake),
+    }
+    return subprocess.run(
+        ["/bin/sh", str(UNITS / "spamfilterd-retrain.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_retrain_promotes_a_good_candidate_and_keeps_the_model_when_the_gate_fails(tmp_path):
+    good = '{"accuracy": 0.97, "fpr": 0.001, "n": 400}'
+    first = _retrain(tmp_path, good)
+    assert first.returncode == 0, first.stdout + first.stderr
+    model = tmp_path / "state" / "model"
+    promoted = model.resolve()
+    assert (promoted / "model.json").is_file() and "promoted" in first.stdout
+
+    time.sleep(1.1)  # checkpoints are named by the second
+    worse = _retrain(tmp_path, '{"accuracy": 0.99, "fpr": 0.02, "n": 400}', current=good)
+    assert worse.returncode == 0, worse.stdout + worse.stderr
+    assert "rejected" in worse.stdout
+    assert model.resolve() == promoted
+    assert len(list((tmp_path / "state" / "models").glob("*.rejected"))) == 1
+
+
+def test_retrain_service_shares_the_user_and_state_and_reloads_the_proxy():
+    retrain, service = settings(UNITS / "spamfilterd-retrain.service"), settings(SERVICE)
+    for key in ("DynamicUser", "User", "StateDirectory"):
+        assert retrain[key] == service[key], key
+    assert retrain["ExecStartPost"] == ["+/bin/systemctl try-reload-or-restart spamfilterd.service"]
+    assert settings(UNITS / "spamfilterd-retrain.timer")["Persistent"] == ["true"]
