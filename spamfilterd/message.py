@@ -80,6 +80,15 @@ def message_to_text(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> MessageTe
     return MessageText(_finish(text, notes), subject, True, _dedupe(notes))
 
 
+def looks_like_email(raw: bytes) -> bool:
+    """Cheap check (header lines only) that `raw` is an email rather than a bare SMS/plain text,
+    by the same rule `message_to_text` uses; pipe mode needs it to know where headers can go."""
+    try:
+        return _header_fields(bytes(raw)) is not None
+    except Exception:
+        return False
+
+
 def header_from_domain(raw: bytes) -> str | None:
     """Lowercased domain of the From: address, for rules that allow/deny by sender domain."""
     try:

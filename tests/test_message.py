@@ -5,7 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from spamfilterd.message import MessageText, header_from_domain, html_to_text, message_to_text
+from spamfilterd.message import (
+    MessageText,
+    header_from_domain,
+    html_to_text,
+    looks_like_email,
+    message_to_text,
+)
 
 DATA = Path(__file__).parent / "data" / "messages"
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -86,7 +92,7 @@ def test_forged_spam_headers_are_not_part_of_the_text():
 )
 def test_chat_lines_that_look_a_bit_like_headers_stay_plain_text(raw):
     result = message_to_text(raw)
-    assert not result.is_email
+    assert not result.is_email and not looks_like_email(raw)
     assert result.text == raw.decode()
 
 
@@ -102,7 +108,7 @@ def test_chat_lines_that_look_a_bit_like_headers_stay_plain_text(raw):
 )
 def test_header_blocks_with_a_known_header_are_email(raw):
     result = message_to_text(raw)
-    assert result.is_email
+    assert result.is_email and looks_like_email(raw)
     assert result.text.endswith("body")
     assert "From:" not in result.text and "Received" not in result.text
 

@@ -14,6 +14,7 @@ from spamfilterd.message import (
     MessageText,
     header_from_domain,
     html_to_text,
+    looks_like_email,
     message_to_text,
 )
 
@@ -91,7 +92,9 @@ def emails(draw) -> bytes:
 @FUZZ
 @given(st.binary(max_size=4000))
 def test_arbitrary_bytes_never_raise(raw):
-    check(message_to_text(raw))
+    result = message_to_text(raw)
+    check(result)
+    assert looks_like_email(raw) == result.is_email
     domain = header_from_domain(raw)
     assert domain is None or domain == domain.lower()
 
