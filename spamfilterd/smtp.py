@@ -49,6 +49,7 @@ _ENHANCED = {
     ),
 }
 _MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+_DATA_TIMER_MARGIN_S = 5.0
 _LOGFMT_BARE = re.compile(r"[^\s\"=\\]+")
 
 
@@ -137,6 +138,9 @@ class ProxyHandler:
         # True while downstream holds a MAIL transaction the client may have abandoned (RSET,
         # EHLO, an oversize DATA that aiosmtpd refused on its own): reset it before the next MAIL.
         self.open_transaction = False
+        # loop.time() when the client sent DATA: smtp.data_timeout bounds the whole DATA phase,
+        # transfer plus filtering plus relaying, well inside a client's 10-minute final-reply wait.
+        self.data_started = 0.0
 
     async def handle_EHLO(self, server, session, envelope, hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
@@ -178,7 +182,7 @@ class ProxyHandler:
         raw: bytes = envelope.original_content or b""
         recipients = tuple(envelope.rcpt_tos)
         try:
-            async with asyncio.timeout(runtime.config.smtp.data_timeout):
+            async with asyncio.timeout_at(self.data_started + runtime.config.smtp.data_timeout):
                 outcome = await self._filter_and_relay(
                     runtime, envelope.mail_from, envelope.mail_options, recipients, raw
                 )
@@ -371,7 +375,17 @@ class _ProxySession:
             transport.close()
 
     async def smtp_DATA(self, arg: str) -> None:
-        await super().smtp_DATA(arg)  # type: ignore[misc]
+        # aiosmtpd does not re-arm its idle timer while message lines arrive: arm it for the whole
+        # DATA phase (a stalled transfer is cut without a reply, so the client retries), a little
+        # after the handler's own deadline so that one answers 451 first.
+        self.event_handler.data_started = self.loop.time()  # type: ignore[attr-defined]
+        data_timeout = self.proxy.runtime.config.smtp.data_timeout
+        self._reset_timeout(data_timeout + min(_DATA_TIMER_MARGIN_S, data_timeout / 10))  # type: ignore[attr-defined]
+        try:
+            await super().smtp_DATA(arg)  # type: ignore[misc]
+        finally:
+            if self.transport is not None:  # type: ignore[attr-defined]
+                self._reset_timeout()  # type: ignore[attr-defined]
         if self.proxy.draining:
             self.shut_down()
 

@@ -635,3 +635,17 @@ def test_a_downstream_that_never_answers_gives_451(harness, lt):
         assert (err.value.smtp_code, err.value.smtp_error[:5]) == (451, b"4.4.1")
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("harness", [{"smtp": {"data_timeout": 0.5}}], indirect=True)
+def test_a_client_stalling_in_data_is_cut_off_without_a_reply(harness):
+    conn = harness.client()
+    conn.ehlo()
+    conn.mail("alice@example.org")
+    conn.rcpt("bob@example.net")
+    conn.putcmd("data")
+    assert conn.getreply()[0] == 354
+    conn.send(make_message("stalled")[:100])
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        conn.getreply()  # no reply at all: the client keeps the message and retries
+    assert harness.sink.received == []
