@@ -402,7 +402,7 @@ class _HTMLText(HTMLParser):
                 self.out.append(f" {alt} ")
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in _BLOCK_TAGS:
+        if tag in _BLOCK_TAGS and tag != "br":  # <br/> is one line break, not two
             self.out.append("\n")
 
     def handle_data(self, data: str) -> None:

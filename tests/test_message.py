@@ -223,6 +223,7 @@ def test_html_to_text_block_structure_and_entities():
     html = "<p>One&amp;two</p><ul><li>a</li><li>b</li></ul><table><tr><td>x</td><td>y</td></tr></table>"
     text = html_to_text(html)
     assert [line.strip() for line in text.split("\n") if line.strip()] == ["One&two", "a", "b", "x y"]
+    assert html_to_text("line one<br/>line two<br>three") == "line one\nline two\nthree"
     assert html_to_text("a < b and 3 <4 but <3 you") == "a < b and 3 <4 but <3 you"
     assert html_to_text("before<!-- never closed") == "before"
 
