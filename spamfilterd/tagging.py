@@ -23,7 +23,11 @@ ORIGINAL_RECIPIENTS = "X-Spam-Original-Recipients"
 # Every header we write; copies that arrive with a message are forged or stale and are removed.
 OWN_HEADERS = (FLAG, STATUS, SCORE, LEVEL, MODEL, ORIGINAL_RECIPIENTS)
 
-_FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+# A header line as a strict parser (Python's email among them) reads it: name, then the colon.
+_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]*):")
+# RFC 5322's obsolete blank before the colon: accepted only for our own names, to remove them.
+_OBS_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]+:")
+_BARE_CR = re.compile(rb"\r(?!\n)")
 _FOLD_WIDTH = 78
 
 
@@ -46,7 +50,18 @@ def _lines(data: bytes):
         start = end
 
 
-def _split(raw: bytes, bare_text: bool) -> _Split:
+def _names(field: bytes) -> set[str]:
+    """Header names a parser may find in this field: its own, and any smuggled behind a bare CR,
+    which some parsers (Python's email among them) read as a line break."""
+    names = set()
+    for piece in _BARE_CR.split(field):
+        match = _FIELD.match(piece) or _OBS_FIELD.match(piece)
+        if match:
+            names.add(match.group(1).decode("ascii").lower())
+    return names
+
+
+def _split(raw: bytes, bare_text: bool, strip: set[str]) -> _Split:
     first_end = raw.find(b"\n")
     newline = b"\r\n" if first_end > 0 and raw[first_end - 1 : first_end] == b"\r" else b"\n"
     if bare_text:
@@ -54,14 +69,16 @@ def _split(raw: bytes, bare_text: bool) -> _Split:
     lead = b""
     pos = 0
     if raw.startswith(b"From "):
-        lead = raw[: first_end + 1] if first_end >= 0 else raw
+        lead = raw[: first_end + 1] if first_end >= 0 else raw + newline
+        lead = b"" if _BARE_CR.search(lead) else lead  # else it would hide a header behind the CR
         pos = len(lead)
     fields: list[bytes] = []
     body_at = len(raw)
     for offset, line in _lines(raw[pos:]):
+        obsolete = _OBS_FIELD.match(line)
         if fields and line[:1] in (b" ", b"\t") and line.strip(b"\r\n"):
             fields[-1] += line
-        elif _FIELD.match(line):
+        elif _FIELD.match(line) or (obsolete and obsolete.group(1).decode("ascii").lower() in strip):
             fields.append(line)
         else:
             body_at = pos + offset
@@ -127,29 +144,29 @@ def rewrite_headers(
     strip: tuple[str, ...] = OWN_HEADERS,
     bare_text: bool = False,
 ) -> bytes:
-    """Remove `strip` headers (with their continuation lines), prefix the Subject, append `add`.
+    """Remove `strip` headers (with their continuation lines), prefix the Subject, add `add`.
 
-    The new headers go at the end of the header block. A message without any headers gets a
-    header block and a blank line in front of its unchanged text; `bare_text` says the message
-    is known to be headerless (an SMS starting "Urgent: call now" is not a header).
+    The new headers go first (after an mbox `From ` line), where every parser finds them however
+    malformed the rest of the header block is. A message without headers gets a header block and
+    a blank line in front of its unchanged text; `bare_text` says the message is known to be
+    headerless (an SMS starting "Urgent: call now" is not a header). A header block that runs
+    into the body without a blank line gets one.
     """
-    parts = _split(raw, bare_text)
-    nl = parts.newline
     strip_names = {name.lower() for name in strip}
-    kept = [field for field in parts.fields if _name(field) not in strip_names]
+    parts = _split(raw, bare_text, strip_names)
+    nl = parts.newline
+    kept = [field for field in parts.fields if not _names(field) & strip_names]
     if subject_prefix:
         subjects = [i for i, field in enumerate(kept) if _name(field) == "subject"]
         if subjects:
             kept[subjects[0]] = _prefixed_subject(kept[subjects[0]], subject_prefix)
         else:
             add = [*add, ("Subject", subject_prefix.rstrip())]
-    if kept and not kept[-1].endswith(b"\n"):
-        kept[-1] += nl
     added = [_header_line(name, _clean(value), nl) for name, value in add]
     rest = parts.rest
     if rest and not rest.startswith((b"\n", b"\r\n")):
         rest = nl + rest
-    return parts.lead + b"".join(kept) + b"".join(added) + rest
+    return parts.lead + b"".join(added) + b"".join(kept) + rest
 
 
 def status_headers(decision: Decision, required: float, model_id: str) -> list[tuple[str, str]]:

@@ -136,9 +136,9 @@ def test_filter_tags_spam_and_keeps_body_bytes(tmp_path, tiny_checkpoint):
     assert body == original_body
     assert b"forged" not in head and head.count(b"X-Spam-Flag") == 1
     assert b"\r\nSubject: [SPAM] =?UTF-8?B?UmVjaG51bmcgZsO8ciBOb3ZlbWJlcg==?=\r\n" in head
-    assert b"\r\nX-Spam-Flag: YES\r\n" in head
-    assert b"\r\nX-Spam-Status: Yes, score=" in head and b"verdict=spam rule=quarantine" in head
-    assert head.endswith(b"\r\nX-Spam-Original-Recipients: bob@example.org")
+    assert head.startswith(b"X-Spam-Flag: YES\r\nX-Spam-Status: Yes, score=")
+    assert b" verdict=spam rule=quarantine model=tiny-test@" in head
+    assert b"\r\nX-Spam-Original-Recipients: bob@example.org\r\n" in head
     assert b"\r\nX-Spam-Model: tiny-test@" in head
 
 

@@ -3,6 +3,8 @@
 import email
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spamfilterd.rules import Decision
 from spamfilterd.tagging import decoded_subject, original_recipients_header, rewrite_headers, status_headers
@@ -20,6 +22,23 @@ CRLF_MESSAGE = (
     b"\r\n" + BODY
 )
 
+# Pieces that build malformed header blocks: forged flags, bare CRs, mbox lines, folding.
+NASTY = [
+    b"X-Spam-Flag: NO",
+    b"x-spam-flag:NO",
+    b"X-Spam-Flag :NO",
+    b"Subject: x",
+    b"=?utf-8?q?a?=",
+    b"From ",
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b" ",
+    b"\t",
+    b":",
+    b"a",
+]
+
 
 def _headers(message: bytes) -> email.message.Message:
     return email.message_from_bytes(message)
@@ -33,23 +52,21 @@ def test_forged_headers_are_stripped_with_their_continuations_and_body_is_byte_i
     assert b"X-Spam-Score" not in head and b"X-SPAM-Level" not in head
     assert head.count(b"X-Spam-Flag") == 1
     assert b"X-Spam-Report: kept, not ours" in head
-    assert head.startswith(b"Received: from a by b;\r\n\tThu, 26 Nov 2026")
+    assert head.startswith(b"X-Spam-Flag: YES\r\nReceived: from a by b;\r\n\tThu, 26 Nov 2026")
     assert b"\n" not in out.replace(b"\r\n", b"")  # no bare LF introduced
     assert _headers(out)["X-Spam-Flag"] == "YES"
 
 
-def test_lf_messages_stay_lf_and_new_headers_go_last():
+def test_lf_messages_stay_lf_and_new_headers_go_first():
     raw = b"From: a@b.c\nSubject: hi\n\nbody\n"
     out = rewrite_headers(raw, [("X-Spam-Flag", "NO"), ("X-Spam-Score", "0.100")])
-    assert out == b"From: a@b.c\nSubject: hi\nX-Spam-Flag: NO\nX-Spam-Score: 0.100\n\nbody\n"
+    assert out == b"X-Spam-Flag: NO\nX-Spam-Score: 0.100\nFrom: a@b.c\nSubject: hi\n\nbody\n"
 
 
 def test_mbox_from_line_stays_first():
     raw = b"From alice@example.com Thu Nov 26 10:00:00 2026\nSubject: hi\n\nbody\n"
     out = rewrite_headers(raw, [("X-Spam-Flag", "NO")])
-    assert out.startswith(
-        b"From alice@example.com Thu Nov 26 10:00:00 2026\nSubject: hi\nX-Spam-Flag: NO\n\n"
-    )
+    assert out == b"From alice@example.com Thu Nov 26 10:00:00 2026\nX-Spam-Flag: NO\nSubject: hi\n\nbody\n"
 
 
 @pytest.mark.parametrize(
@@ -57,8 +74,9 @@ def test_mbox_from_line_stays_first():
     [
         (b"WINNER!! Call 09061701461 now: claim", b"X-A: 1\n\nWINNER!! Call 09061701461 now: claim"),
         (b"", b"X-A: 1\n"),
-        (b"Subject: only headers", b"Subject: only headers\nX-A: 1\n"),
-        (b"Subject: x\r\nno blank line here\r\n", b"Subject: x\r\nX-A: 1\r\n\r\nno blank line here\r\n"),
+        (b"Subject: only headers", b"X-A: 1\nSubject: only headers"),
+        (b"Subject: x\r\nno blank line here\r\n", b"X-A: 1\r\nSubject: x\r\n\r\nno blank line here\r\n"),
+        (b"From x\rX-Spam-Flag: NO\n\nb", b"X-A: 1\n\nFrom x\rX-Spam-Flag: NO\n\nb"),
         (b"\nbody after empty header block", b"X-A: 1\n\nbody after empty header block"),
     ],
 )
@@ -107,7 +125,7 @@ def test_only_first_subject_is_rewritten_and_missing_subject_is_added():
     raw = b"Subject: one\nSubject: two\n\nb\n"
     assert rewrite_headers(raw, [], subject_prefix="[SPAM] ") == b"Subject: [SPAM] one\nSubject: two\n\nb\n"
     assert rewrite_headers(b"From: a@b.c\n\nb\n", [], subject_prefix="[SPAM] ") == (
-        b"From: a@b.c\nSubject: [SPAM]\n\nb\n"
+        b"Subject: [SPAM]\nFrom: a@b.c\n\nb\n"
     )
 
 
@@ -147,4 +165,16 @@ def test_header_values_cannot_inject_lines_and_recipient_lists_fold():
 def test_status_header_stays_on_one_line():
     status = "Yes, score=0.987 required=0.500 verdict=spam rule=a-rather-long-rule-name model=" + "m" * 60
     out = rewrite_headers(b"Subject: x\n\nb", [("X-Spam-Status", status)])
-    assert b"\nX-Spam-Status: " + status.encode() + b"\n\nb" in out
+    assert out == b"X-Spam-Status: " + status.encode() + b"\nSubject: x\n\nb"
+
+
+def test_headers_hidden_behind_a_bare_cr_or_a_blank_before_the_colon_are_removed():
+    raw = b"Subject: hi\rX-Spam-Flag: NO\nX-Spam-Score : -9\nTo: b@c.d\n\nbody"
+    assert rewrite_headers(raw, [("X-Spam-Flag", "YES")]) == b"X-Spam-Flag: YES\nTo: b@c.d\n\nbody"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(NASTY), max_size=25).map(b"".join), st.booleans())
+def test_any_bytes_leave_exactly_our_flag_for_a_parser(raw, bare_text):
+    out = rewrite_headers(raw, [("X-Spam-Flag", "YES")], subject_prefix="[SPAM] ", bare_text=bare_text)
+    assert email.message_from_bytes(out).get_all("X-Spam-Flag") == ["YES"]
