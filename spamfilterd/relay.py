@@ -11,9 +11,18 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-# MAIL FROM parameters we accept from clients; each is passed on only where downstream has the
-# matching EHLO keyword (RFC 5321 §4.1.1.11: never send a parameter the server did not announce).
-_PARAM_EXTENSION = {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8"}
+# MAIL FROM / RCPT TO parameters we take from clients, with the EHLO keyword downstream must have
+# announced for us to pass them on (RFC 5321 §4.1.1.11: never send what was not announced).
+PARAM_EXTENSION = {
+    "SIZE": "SIZE",
+    "BODY": "8BITMIME",
+    "SMTPUTF8": "SMTPUTF8",
+    "RET": "DSN",
+    "ENVID": "DSN",
+    "NOTIFY": "DSN",
+    "ORCPT": "DSN",
+    "AUTH": "AUTH",
+}
 
 
 class DownstreamError(Exception):
@@ -52,12 +61,12 @@ def dot_stuff(message: bytes) -> bytes:
     return message + b".\r\n"
 
 
-def mail_params(options: list[str], extensions: dict[str, str]) -> list[str]:
-    """The client's MAIL FROM parameters that downstream announced support for."""
+def esmtp_params(options: list[str], extensions: dict[str, str]) -> list[str]:
+    """The client's MAIL FROM or RCPT TO parameters that downstream announced support for."""
     kept = []
     for option in options:
         keyword = option.partition("=")[0].upper()
-        if _PARAM_EXTENSION.get(keyword) in extensions:
+        if PARAM_EXTENSION.get(keyword) in extensions:
             kept.append(option)
     return kept
 
@@ -102,11 +111,12 @@ class DownstreamConnection:
         return conn
 
     async def mail(self, sender: str, options: list[str]) -> Reply:
-        params = mail_params(options, self.extensions)
+        params = esmtp_params(options, self.extensions)
         return await self.command(" ".join([f"MAIL FROM:{address(sender)}", *params]))
 
-    async def rcpt(self, recipient: str) -> Reply:
-        return await self.command(f"RCPT TO:{address(recipient)}")
+    async def rcpt(self, recipient: str, options: list[str] = ()) -> Reply:
+        params = esmtp_params(list(options), self.extensions)
+        return await self.command(" ".join([f"RCPT TO:{address(recipient)}", *params]))
 
     async def rset(self) -> Reply:
         return await self.command("RSET")

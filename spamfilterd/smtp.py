@@ -11,6 +11,7 @@ LMTP). Anything that goes wrong on our side is a 4xx: the sender keeps the messa
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import re
 import socket
@@ -24,7 +25,7 @@ from aiosmtpd.smtp import SMTP
 
 from spamfilterd.batcher import Batcher, ClassifierError
 from spamfilterd.config import Config, split_host_port
-from spamfilterd.relay import DownstreamConnection, DownstreamError, Reply
+from spamfilterd.relay import PARAM_EXTENSION, DownstreamConnection, DownstreamError, Reply
 from spamfilterd.rules import Envelope
 
 if TYPE_CHECKING:
@@ -150,6 +151,7 @@ class ProxyHandler:
         if self.proxy.draining:
             asyncio.get_running_loop().call_soon(server.transport.close)
             return SHUTTING_DOWN
+        mail_options = server.original_params(mail_options)
         try:
             reply = await self._start_transaction(address, mail_options)
         except DownstreamError as exc:
@@ -166,8 +168,9 @@ class ProxyHandler:
             return TOO_MANY_RECIPIENTS
         if self.downstream is None:
             return DOWNSTREAM_LOST
+        rcpt_options = server.original_params(rcpt_options)
         try:
-            reply = await self.downstream.rcpt(address)
+            reply = await self.downstream.rcpt(address, rcpt_options)
         except DownstreamError as exc:
             self._drop(exc)
             return DOWNSTREAM_LOST
@@ -347,10 +350,36 @@ class _ProxySession:
     # aiosmtpd refuses lines over 1001 bytes with a permanent 500 after DATA; mail that an MTA
     # already accepted must not bounce here for that, so allow long (non-RFC) lines.
     line_length_limit = 65_536
+    # DSN parameters (ORCPT, ENVID) lengthen MAIL and RCPT beyond 512 bytes (RFC 3461 §5).
+    command_size_limit = 2048
+    _raw_arg = ""
 
     def __init__(self, proxy: SmtpProxy, handler: ProxyHandler, **kwargs: Any):
         super().__init__(handler, **kwargs)  # type: ignore[call-arg]
         self.proxy = proxy
+        # Per session: aiosmtpd keeps these limits in a class-wide dict that EHLO keeps growing.
+        self.command_size_limits = collections.defaultdict(lambda: self.command_size_limit)
+
+    def _getparams(self, params: list[str]) -> dict[str, str | bool] | None:
+        """Let DSN and AUTH parameters through: Postfix's before-queue proxy forwards the client's
+        MAIL/RCPT commands verbatim, and aiosmtpd alone would refuse them with 555."""
+        result = super()._getparams(params)  # type: ignore[misc]
+        if result is not None:
+            for keyword in PARAM_EXTENSION.keys() - {"SIZE", "BODY", "SMTPUTF8"}:
+                result.pop(keyword, None)
+        return result
+
+    def original_params(self, options: list[str]) -> list[str]:
+        """aiosmtpd upper-cases parameters; ENVID and ORCPT values must travel unchanged."""
+        return self._raw_arg.split()[-len(options) :] if options else []
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self._raw_arg = arg or ""
+        await super().smtp_MAIL(arg)  # type: ignore[misc]
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self._raw_arg = arg or ""
+        await super().smtp_RCPT(arg)  # type: ignore[misc]
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
