@@ -27,7 +27,8 @@ mkdir -p "$STATE/models"
 
 echo "training candidate $candidate"
 # shellcheck disable=SC2086  # TRAIN_ARGS is a list of extra flags
-"$BIN/spamfilterd-train" --ham "$TRAIN_HAM" --spam "$TRAIN_SPAM" --out "$candidate" $TRAIN_ARGS
+"$BIN/spamfilterd-train" --ham "$TRAIN_HAM" --spam "$TRAIN_SPAM" --out "$candidate" --no-progress \
+    $TRAIN_ARGS
 
 evaluate() {
     "$BIN/spamfilterd-train" evaluate --model "$1" --ham "$EVAL_HAM" --spam "$EVAL_SPAM" --json
