@@ -52,6 +52,7 @@ _ENHANCED = {
 _MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 _DATA_TIMER_MARGIN_S = 5.0
 _LOGFMT_BARE = re.compile(r"[^\s\"=\\]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def logfmt(fields: dict[str, Any]) -> str:
     """`key=value` pairs, values quoted where needed, so grep and log shippers both cope."""
     parts = []
     for key, value in fields.items():
-        text = "" if value is None else str(value)
+        text = _CONTROL.sub(" ", "" if value is None else str(value))  # one line, always
         if not _LOGFMT_BARE.fullmatch(text):
             text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
         parts.append(f"{key}={text}")

@@ -26,7 +26,7 @@ from aiosmtpd.smtp import SMTP
 from spamfilterd.config import load_config
 from spamfilterd.engine import GTUBE, FilterEngine
 from spamfilterd.http import HealthServer, Metrics
-from spamfilterd.smtp import Runtime, SmtpProxy, build_runtime
+from spamfilterd.smtp import Runtime, SmtpProxy, build_runtime, logfmt, message_id
 
 DSN_PARAMS = {"RET", "ENVID", "NOTIFY", "ORCPT"}
 HAM = {"spam": 1.01, "unsure": 1.01}  # every score is below: everything is ham
@@ -602,6 +602,8 @@ def test_dot_stuffing_and_reply_rendering():
 
     assert dot_stuff(b".a\r\nb\r\n.\r\n..c\r\nd\n.e") == b"..a\r\nb\r\n..\r\n...c\r\nd\n.e\r\n.\r\n"
     assert Reply(250, ("first", "second")).render() == "250-first\r\n250 second"
+    assert logfmt({"a": "x y", "b": "250-a\r\n250 b", "c": 3}) == 'a="x y" b="250-a 250 b" c=3'
+    assert message_id(b"Subject: x\r\nMessage-Id:\r\n <a@b>\r\n\r\nMessage-ID: <body>\r\n") == "<a@b>"
     assert esmtp_params(["SIZE=10", "BODY=8BITMIME", "SMTPUTF8"], {"SIZE": "100"}) == ["SIZE=10"]
 
 
