@@ -214,6 +214,8 @@ def serve(config_path: Path | None, model_path: Path | None) -> None:
         click.echo(f"spamfilterd: error: {exc}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
     setup_logging(config.logging)
+    # Until the event loop takes over SIGHUP, a reload request must not kill a starting daemon.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     metrics = Metrics()
     log.info("loading model %s", config.model.checkpoint)
     try:
