@@ -7,6 +7,7 @@ one daemon.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import smtplib
@@ -20,6 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from spamfilterd.config import load_config
+from spamfilterd.http import Metrics
+from spamfilterd.serve import Daemon
+from spamfilterd.smtp import build_runtime
 from tests.test_smtp import HAM, SPAM, LoopThread, Sink, make_message, split
 
 START_TIMEOUT = 90  # importing torch on a busy 2-core machine
@@ -165,3 +170,29 @@ def test_serve_exits_78_on_an_invalid_config(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 78
     assert b"smtp.max_sessions" in stderr or b"model.checkpoint" in stderr
+
+
+def test_reload_refuses_a_model_that_does_not_load_and_keeps_the_old_one(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("spamfilterd.serve.setup_logging", lambda config: None)
+    config = tmp_path / "config.yaml"
+    write_config(config, tiny_checkpoint, 10026, 10025, 9025, HAM)
+    metrics = Metrics()
+    runtime = build_runtime(load_config(config), metrics)
+    daemon = Daemon(config, None, runtime, metrics)
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.json").write_bytes((tiny_checkpoint / "model.json").read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    write_config(config, broken, 10026, 10025, 9025, HAM)
+    assert asyncio.run(daemon.reload()) is False
+    assert daemon.proxy.runtime is runtime
+    assert metrics.reloads["failed"] == 1
+
+    write_config(config, tiny_checkpoint, 10026, 10025, 9025, SPAM)
+    assert asyncio.run(daemon.reload()) is True
+    assert daemon.proxy.runtime is not runtime
+    assert daemon.proxy.runtime.engine.spam_threshold == 0.0
+    assert metrics.reloads["ok"] == 1
