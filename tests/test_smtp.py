@@ -299,6 +299,19 @@ def test_spam_is_tagged_by_default(harness):
     assert body == split(message)[1]
 
 
+PREFIX = [{"match": {"verdict": "spam"}, "actions": ["tag", "subject-prefix"]}]
+
+
+@pytest.mark.parametrize("harness", [{"thresholds": SPAM, "rules": PREFIX}], indirect=True)
+def test_subject_prefix_rule_rewrites_only_the_subject(harness):
+    message = make_message("prefixed")
+    harness.send(message)
+    (got,) = harness.sink.received
+    head, body = split(got.content)
+    assert b"\r\nSubject: [SPAM] test prefixed\r\n" in head
+    assert body == split(message)[1]
+
+
 REDIRECT = [{"match": {"verdict": "spam"}, "actions": ["tag", {"redirect": "quarantine@example.net"}]}]
 
 
