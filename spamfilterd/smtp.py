@@ -410,7 +410,8 @@ class _ProxySession:
         # after the handler's own deadline so that one answers 451 first.
         self.event_handler.data_started = self.loop.time()  # type: ignore[attr-defined]
         data_timeout = self.proxy.runtime.config.smtp.data_timeout
-        self._reset_timeout(data_timeout + min(_DATA_TIMER_MARGIN_S, data_timeout / 10))  # type: ignore[attr-defined]
+        margin = min(_DATA_TIMER_MARGIN_S, max(1.0, data_timeout / 10))
+        self._reset_timeout(data_timeout + margin)  # type: ignore[attr-defined]
         try:
             await super().smtp_DATA(arg)  # type: ignore[misc]
         finally:
