@@ -1,0 +1,165 @@
+"""`spamfilterd-train` end to end on tiny models: outputs, determinism, evaluate, other data sources."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from spamfilterd.classifier import SpamClassifier
+from tests.test_data import make_mail
+from trainer.cli import main
+
+TINY = ["--arch", "gpt-tiny", "--epochs", "2", "--eval-every", "20", "--threads", "2", "--no-progress"]
+METRIC_KEYS = {"accuracy", "precision", "recall", "f1", "fpr", "n", "messages_per_second"}
+
+
+def invoke(*args) -> object:
+    result = CliRunner().invoke(main, [str(arg) for arg in args], catch_exceptions=False)
+    return result
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory, sms_corpus) -> Path:
+    """The first 600 messages (about 80 spam) of the real corpus."""
+    path = tmp_path_factory.mktemp("sms") / "SMSSpamCollection"
+    path.write_text("".join(sms_corpus.read_text().splitlines(keepends=True)[:600]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_corpus) -> tuple[Path, dict, str]:
+    out = tmp_path_factory.mktemp("run") / "model"
+    result = invoke("--data", small_corpus, "--out", out, "--no-balance", *TINY)
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "model.json").read_text()), result.output
+
+
+def test_training_writes_checkpoint_card_and_plots(trained, small_corpus):
+    out, card, output = trained
+    for name in ("model.safetensors", "model.json", "training_curves.png", "test_scores.png"):
+        assert (out / name).stat().st_size > 1000, name
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert card["data"]["sources"][0]["origin"] == str(small_corpus)
+    assert card["data"]["split_sizes"] == {"train": 419, "validation": 59, "test": 122}
+    training = card["training"]
+    assert training["arch"] == "gpt-tiny" and training["epochs"] == 2 and training["trainable"] == "all"
+    assert training["lr"] == 1e-3 and training["schedule"] == "cosine"  # the `random` recipe's defaults
+    assert training["train_seconds"] > 0 and training["device"] == "cpu"
+    for split in ("train", "validation", "test"):
+        metrics = card["metrics"][split]
+        assert sum(metrics["confusion"].values()) == metrics["n"] == card["data"]["split_sizes"][split]
+        assert 0.0 <= metrics["fpr"] <= 1.0 and 0.0 <= metrics["f1"] <= 1.0
+    assert card["metrics_argmax"]["test"]["accuracy"] >= 0.8
+    assert card["metrics"]["validation"]["fpr"] <= 0.005
+    assert 0.5 <= card["thresholds"]["spam"] <= 1.0
+    assert card["thresholds"]["spam"] / 2 <= card["thresholds"]["unsure"] <= card["thresholds"]["spam"]
+    assert card["max_tokens"] <= 128 and card["architecture"]["emb_dim"] == 32
+    assert len(card["history"]["val_accuracy"]) == 2 and card["history"]["train_loss"]
+    assert "epoch 1 (step 000020): train loss" in output and "validation accuracy" in output
+    classifier = SpamClassifier.load(out, device="cpu")
+    assert classifier.spam_threshold == card["thresholds"]["spam"]
+    assert classifier.max_tokens == card["max_tokens"]
+
+
+def test_same_seed_gives_the_same_model(trained, small_corpus, tmp_path):
+    _, card, _ = trained
+    result = invoke("train", "--data", small_corpus, "--out", tmp_path / "again", "--no-balance", *TINY)
+    assert result.exit_code == 0, result.output
+    again = json.loads((tmp_path / "again" / "model.json").read_text())
+    assert again["metrics"] == card["metrics"]
+    assert again["weights_sha256"] == card["weights_sha256"]
+
+
+def _labelled_csv(path: Path, sms_corpus: Path, lines: slice) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Label", "Text"])
+        for line in sms_corpus.read_text().splitlines()[lines]:
+            writer.writerow(line.split("\t", 1))
+    return path
+
+
+def test_evaluate_json_and_text(trained, sms_corpus, tmp_path):
+    out, _, _ = trained
+    held_out = _labelled_csv(tmp_path / "held_out.csv", sms_corpus, slice(5000, 5100))
+    result = invoke("evaluate", "--model", out, "--test-csv", held_out, "--json", "--threads", "2")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert set(report) >= METRIC_KEYS
+    assert report["n"] == 100 and report["messages_per_second"] > 0
+    assert 0.0 <= report["accuracy"] <= 1.0
+    text = invoke("evaluate", "--model", out, "--test-csv", held_out)
+    assert text.exit_code == 0 and "messages/s" in text.output and "spam caught" in text.output
+
+
+def test_own_mail_trains_and_evaluates(tmp_path):
+    ham, spam = make_mail(tmp_path, n=20)
+    out = tmp_path / "mine"
+    result = invoke(
+        "train", "--no-sms", "--ham", ham, "--spam", spam, "--out", out, "--batch-size", "4", *TINY
+    )
+    assert result.exit_code == 0, result.output
+    card = json.loads((out / "model.json").read_text())
+    source = card["data"]["sources"][0]
+    assert source["kind"] == "mail" and source["messages"] == {"ham": 20, "spam": 20}
+    assert sum(card["data"]["split_sizes"].values()) == 40
+    report = json.loads(invoke("evaluate", "--model", out, "--ham", ham, "--spam", spam, "--json").output)
+    assert report["n"] == 42  # evaluation keeps duplicates: it measures what arrives
+
+
+def test_label_path_csv_splits(tmp_path):
+    (tmp_path / "msgs").mkdir()
+    rows = []
+    for i in range(30):
+        for label, text in (
+            ("ham", f"see you at lunch {i}"),
+            ("spam", f"URGENT win {i} cash, text WIN to 8{i}"),
+        ):
+            name = f"msgs/{label}{i}.txt"
+            (tmp_path / name).write_text(f"Subject: note {i}\n\n{text}\n")
+            rows.append([label, name])
+    train_csv = tmp_path / "train.csv"
+    with train_csv.open("w", newline="") as handle:
+        csv.writer(handle).writerows([["Label", "Path"], *rows])
+    out = tmp_path / "csv-model"
+    result = invoke("--train-csv", train_csv, "--out", out, "--batch-size", "4", *TINY)
+    assert result.exit_code == 0, result.output
+    card = json.loads((out / "model.json").read_text())
+    assert card["data"]["split_sizes"] == {"train": 42, "validation": 6, "test": 12}
+    assert "cut from --train-csv" in card["data"]["preparation"]
+
+
+def test_pretrained_directory_is_fine_tuned(tmp_path, small_corpus):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=50257)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    out = tmp_path / "tuned"
+    result = invoke(
+        "--data", small_corpus, "--weights", tmp_path / "hf", "--out", out, "--epochs", "1", "--no-progress"
+    )
+    assert result.exit_code == 0, result.output
+    card = json.loads((out / "model.json").read_text())
+    training = card["training"]
+    assert training["trainable"] == "last-block" and training["lr"] == 5e-5  # the reference recipe
+    assert training["trainable_parameters"] < training["total_parameters"]
+    assert card["architecture"]["emb_dim"] == 32 and card["architecture"]["n_layers"] == 2
+    assert card["data"]["split_sizes"] == {"train": 123, "validation": 17, "test": 36}
+    assert SpamClassifier.load(out, device="cpu").score(["WINNER! claim your prize"])[0] >= 0.0
+
+
+def test_help_and_version():
+    assert "evaluate" in invoke("--help").output
+    assert "--max-fpr" in invoke("train", "--help").output
+    assert "--json" in invoke("evaluate", "--help").output
+    assert invoke("--version").output.startswith("spamfilterd-train, version")
+
+
+def test_bad_data_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("ham\thello\nspma\tcheap\n")
+    result = CliRunner().invoke(main, ["--data", str(bad), "--out", str(tmp_path / "x"), "--no-progress"])
+    assert result.exit_code == 1
+    assert f"Error: {bad}: line 2: unknown label 'spma'" in result.output
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,90 @@
+"""Classification metrics at a threshold, and the thresholds a mail admin cares about.
+
+A spam filter's costly mistake is the false positive (a real mail lost to the spam folder), so the
+spam threshold is chosen on validation data for a target false-positive rate, and an `unsure`
+band below it holds what a looser filter would have called spam.
+"""
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+DEFAULT_MAX_FPR = 0.005
+DEFAULT_UNSURE_FPR = 0.05
+
+
+def confusion(labels: Sequence[int], scores: Sequence[float], threshold: float = 0.5) -> dict[str, int]:
+    """Counts with spam (1) as the positive class; a score at or above the threshold means spam."""
+    truth = np.asarray(labels, dtype=int)
+    predicted = np.asarray(scores, dtype=float) >= threshold
+    return {
+        "tn": int(((truth == 0) & ~predicted).sum()),
+        "fp": int(((truth == 0) & predicted).sum()),
+        "fn": int(((truth == 1) & ~predicted).sum()),
+        "tp": int(((truth == 1) & predicted).sum()),
+    }
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    return numerator / denominator if denominator else 0.0
+
+
+def classification_metrics(labels: Sequence[int], scores: Sequence[float], threshold: float = 0.5) -> dict:
+    """accuracy, precision, recall, f1, fpr and the confusion matrix; empty ratios are 0, not NaN."""
+    counts = confusion(labels, scores, threshold)
+    tp, fp, fn, tn = counts["tp"], counts["fp"], counts["fn"], counts["tn"]
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    return {
+        "n": tp + fp + fn + tn,
+        "accuracy": _ratio(tp + tn, tp + fp + fn + tn),
+        "precision": precision,
+        "recall": recall,
+        "f1": _ratio(2 * precision * recall, precision + recall) if precision + recall else 0.0,
+        "fpr": _ratio(fp, fp + tn),
+        "confusion": counts,
+        "threshold": threshold,
+    }
+
+
+def threshold_for_fpr(labels: Sequence[int], scores: Sequence[float], max_fpr: float) -> float:
+    """The lowest threshold whose false-positive rate on these ham scores is at most `max_fpr`."""
+    ham = np.sort(np.asarray(scores, dtype=float)[np.asarray(labels) == 0])[::-1]
+    allowed = math.floor(max_fpr * len(ham) + 1e-9)
+    if allowed >= len(ham):
+        return 0.0
+    # Just above the highest ham score that must not be flagged.
+    return float(min(np.nextafter(ham[allowed], np.inf), 1.0))
+
+
+def choose_thresholds(
+    labels: Sequence[int],
+    scores: Sequence[float],
+    max_fpr: float = DEFAULT_MAX_FPR,
+    unsure_fpr: float = DEFAULT_UNSURE_FPR,
+) -> dict[str, float]:
+    """{"spam", "unsure"} from validation scores.
+
+    The spam threshold never drops below 0.5: a small validation set can make a lower one look safe,
+    and the threshold should only ever make the filter more careful than the model's own argmax. The
+    unsure threshold meets the looser `unsure_fpr`, stays at or below the spam threshold and at or
+    above half of it, so the band neither vanishes nor swallows ordinary mail.
+    """
+    spam = max(0.5, threshold_for_fpr(labels, scores, max_fpr))
+    unsure = threshold_for_fpr(labels, scores, unsure_fpr)
+    return {"spam": spam, "unsure": min(spam, max(unsure, spam / 2))}
+
+
+def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray, float]:
+    """(false-positive rates, true-positive rates, area under the curve), ties handled as one step."""
+    truth = np.asarray(labels, dtype=int)
+    values = np.asarray(scores, dtype=float)
+    order = np.argsort(-values, kind="stable")
+    truth, values = truth[order], values[order]
+    distinct = np.r_[np.flatnonzero(np.diff(values)), len(values) - 1] if len(values) else np.array([], int)
+    tps = np.cumsum(truth)[distinct] if len(values) else np.array([])
+    fps = (distinct + 1) - tps
+    positives, negatives = max(int(truth.sum()), 1), max(int((1 - truth).sum()), 1)
+    tpr = np.r_[0.0, tps / positives]
+    fpr = np.r_[0.0, fps / negatives]
+    return fpr, tpr, float(np.trapezoid(tpr, fpr))

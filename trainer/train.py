@@ -1,0 +1,379 @@
+"""The training loop: cross-entropy on each message's last real token, plus optional helpers for
+models trained from scratch (warmup + cosine schedule, label smoothing, a causal-LM auxiliary loss,
+an exponential moving average of the weights).
+
+The reference recipe is the `reference` entry of RECIPES; `random` is the measured best recipe for
+random weights on a CPU (see benchmarks/train_recipes.md).
+"""
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from spamfilterd.classifier import (
+    SpamClassifier,
+    encode_text,
+    pad_batch,
+    resolve_device,
+    resolve_precision,
+)
+from spamfilterd.model import GPTModel
+from spamfilterd.tokenizer import get_tokenizer
+from trainer.data import Splits
+from trainer.model_setup import build_model, set_trainable
+
+SCORE_BATCH = 32
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; the model card records it, so a run can be repeated exactly."""
+
+    weights: str = "random"
+    arch: str = "gpt-mini"
+    trainable: str = "all"
+    epochs: int = 5
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    batch_size: int = 8
+    warmup: float = 0.0  # fraction of all steps
+    schedule: str = "constant"  # or "cosine"
+    dropout: float = 0.0
+    label_smoothing: float = 0.0
+    token_dropout: float = 0.0  # share of tokens deleted from each training message, per step
+    lm_weight: float = 0.0  # weight of the causal-LM auxiliary loss
+    ema: float = 0.0  # decay of the weight average; 0 = off
+    max_tokens: int | None = None  # None = longest training message
+    seed: int = 123
+    eval_every: int = 50
+    eval_batches: int = 5
+    device: str = "auto"
+    precision: str = "auto"
+
+
+RECIPES: dict[str, dict] = {
+    # DESIGN.md section 2: AdamW 5e-5, wd 0.1, batch 8, 5 epochs, last block + final norm + head.
+    "reference": {"trainable": "last-block", "epochs": 5, "lr": 5e-5},
+    "random": {
+        "arch": "gpt-micro",
+        "trainable": "all",
+        "epochs": 40,
+        "lr": 1e-3,
+        "warmup": 0.05,
+        "schedule": "cosine",
+        "dropout": 0.1,
+    },
+}
+
+
+@dataclass
+class History:
+    """What the plots draw: losses at each evaluation and accuracies after each epoch."""
+
+    eval_examples: list[int] = field(default_factory=list)
+    eval_epochs: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    epoch_examples: list[int] = field(default_factory=list)
+    train_accuracy: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    model: GPTModel
+    max_tokens: int
+    history: History
+    train_seconds: float
+    trainable_parameters: int
+    device: str
+    precision: str
+
+
+class WeightAverage:
+    """Exponential moving average of the weights: a cheap ensemble that steadies a small, noisy run."""
+
+    def __init__(self, model: GPTModel, decay: float):
+        self.decay = decay
+        self.steps = 0
+        self.shadow = {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+    def update(self, model: GPTModel) -> None:
+        self.steps += 1
+        # Early on the average follows the model closely, else it would stay near the random start.
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        with torch.no_grad():
+            for name, value in model.state_dict().items():
+                if value.dtype.is_floating_point:
+                    self.shadow[name].lerp_(value, 1 - decay)
+
+    @contextlib.contextmanager
+    def applied(self, model: GPTModel):
+        """Run a block with the averaged weights in the model, then put the live ones back."""
+        live = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        model.load_state_dict(self.shadow)
+        try:
+            yield
+        finally:
+            model.load_state_dict(live)
+
+
+def _schedule(config: TrainConfig, total_steps: int):
+    warmup_steps = max(1, round(config.warmup * total_steps)) if config.warmup else 0
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if config.schedule == "cosine":
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class _Batches:
+    """Token ids of one split, served in batches padded only to their own longest message."""
+
+    def __init__(self, encoded: list[list[int]], labels: list[int]):
+        self.encoded = encoded
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def batch(self, rows: list[int], device: torch.device, drop: float = 0.0, generator=None):
+        seqs = [self.encoded[row] for row in rows]
+        if drop:
+            seqs = [_delete_tokens(seq, drop, generator) for seq in seqs]
+        ids, last = pad_batch(seqs)
+        labels = torch.tensor([self.labels[row] for row in rows], dtype=torch.long)
+        return ids.to(device), last.to(device), labels.to(device)
+
+    def ordered(self, batch_size: int, limit: int | None = None):
+        starts = range(0, len(self), batch_size)
+        for number, start in enumerate(starts):
+            if limit is not None and number >= limit:
+                return
+            yield list(range(start, min(start + batch_size, len(self))))
+
+
+class TrainingVocabulary(nn.Module):
+    """A token embedding whose trainable rows are only the tokens that occur in the training texts.
+
+    The other ~45,000 of GPT-2's 50,257 rows get no gradient anyway, yet AdamW would read and write
+    them every step, which dominates a CPU step of a small model. Unseen rows keep their values
+    (dense AdamW would only shrink them by weight decay); `merged` writes the trained rows back.
+    """
+
+    def __init__(self, full: nn.Embedding, vocab: torch.Tensor):
+        super().__init__()
+        self.full = full.requires_grad_(False)
+        self.register_buffer("vocab", vocab, persistent=False)
+        remap = torch.full((full.num_embeddings,), -1, dtype=torch.long, device=vocab.device)
+        remap[vocab] = torch.arange(len(vocab), device=vocab.device)
+        self.register_buffer("remap", remap, persistent=False)
+        self.rows = nn.Parameter(full.weight.detach()[vocab].clone())
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        index = self.remap[token_ids]
+        trained = self.rows[index.clamp(min=0)]
+        return torch.where((index >= 0).unsqueeze(-1), trained, self.full(token_ids))
+
+    def merged(self) -> nn.Embedding:
+        with torch.no_grad():
+            self.full.weight[self.vocab] = self.rows
+        return self.full.requires_grad_(True)
+
+
+def _delete_tokens(seq: list[int], drop: float, generator: torch.Generator) -> list[int]:
+    """Word-dropout augmentation: a model from scratch memorises exact token sequences otherwise.
+
+    The last token is always kept, since the classifier reads its position.
+    """
+    keep = (torch.rand(len(seq) - 1, generator=generator) >= drop).tolist()
+    return [token for token, kept in zip(seq[:-1], keep, strict=True) if kept] + seq[-1:]
+
+
+class _LanguageModelLoss:
+    """Next-token loss over the training vocabulary only, through the tied token embedding.
+
+    Softmax over the few thousand token ids that occur in training, not all 50,257, keeps the
+    auxiliary loss cheap on a CPU; every target is in that set, so nothing is lost for training.
+    """
+
+    def __init__(self, vocab: torch.Tensor, vocab_size: int):
+        self.vocab = vocab
+        self.remap = torch.full((vocab_size,), -100, dtype=torch.long, device=vocab.device)
+        self.remap[vocab] = torch.arange(len(vocab), device=vocab.device)
+
+    def __call__(self, model: GPTModel, hidden: torch.Tensor, ids: torch.Tensor, last: torch.Tensor):
+        positions = torch.arange(ids.shape[1] - 1, device=ids.device)
+        valid = positions[None, :] < last[:, None]
+        targets = self.remap[ids[:, 1:]][valid]
+        embedding = model.tok_emb
+        rows = embedding.rows if isinstance(embedding, TrainingVocabulary) else embedding.weight[self.vocab]
+        logits = hidden[:, :-1][valid] @ rows.T
+        return F.cross_entropy(logits.float(), targets)
+
+
+def _classifier_step(model, batches, rows, device, precision, config, lm_loss, generator):
+    ids, last, labels = batches.batch(rows, device, config.token_dropout, generator)
+    with _autocast(device, precision):
+        hidden = model.hidden_states(ids)
+        logits = model.out_head(hidden[torch.arange(len(rows), device=device), last])
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+        if lm_loss is not None:
+            loss = loss + config.lm_weight * lm_loss(model, hidden, ids, last)
+    return loss
+
+
+@torch.no_grad()
+def _loss_and_accuracy(model, batches, device, precision, batch_size, limit=None) -> tuple[float, float]:
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for rows in batches.ordered(batch_size, limit):
+        ids, last, labels = batches.batch(rows, device)
+        with _autocast(device, precision):
+            hidden = model.hidden_states(ids)
+            logits = model.out_head(hidden[torch.arange(len(rows), device=device), last]).float()
+        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+        seen += len(rows)
+    model.train()
+    return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+def choose_max_tokens(encoded_lengths: list[int], requested: int | None, context_length: int) -> int:
+    """The reference pads to the longest training message; the context length is the hard cap."""
+    longest = max(encoded_lengths) if encoded_lengths else 1
+    return min(requested or longest, context_length)
+
+
+def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainResult:
+    """Fine-tune on `splits.train`, watching `splits.validation`; same seed, same model on CPU."""
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    model = build_model(config.weights, config.arch, config.dropout).to(device)
+    trainable = set_trainable(model, config.trainable)
+
+    tokenizer = get_tokenizer()
+    context = model.cfg.context_length
+    raw_train = [tokenizer.encode(text, disallowed_special=()) for text in splits.train["Text"]]
+    max_tokens = choose_max_tokens([len(ids) for ids in raw_train], config.max_tokens, context)
+
+    def encode(frame) -> _Batches:
+        texts, labels = list(frame["Text"]), [int(label) for label in frame["Label"]]
+        return _Batches([encode_text(tokenizer, text, max_tokens) for text in texts], labels)
+
+    train_set, val_set = encode(splits.train), encode(splits.validation)
+    vocab = torch.tensor(sorted({token for ids in train_set.encoded for token in ids}), device=device)
+    if model.tok_emb.weight.requires_grad:
+        model.tok_emb = TrainingVocabulary(model.tok_emb, vocab)
+    lm_loss = _LanguageModelLoss(vocab, model.cfg.vocab_size) if config.lm_weight else None
+
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    # The fused kernel: on a CPU the default per-tensor AdamW spends most of a step on the
+    # 50,257-row embedding.
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    steps_per_epoch = len(train_set) // config.batch_size  # drop_last, as the reference
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(train_set)} training messages are fewer than one batch of {config.batch_size}"
+        )
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, total_steps))
+    average = WeightAverage(model, config.ema) if config.ema else None
+    shuffler = torch.Generator().manual_seed(config.seed)
+    history = History()
+
+    def evaluated():
+        return average.applied(model) if average else contextlib.nullcontext()
+
+    start = time.perf_counter()
+    model.train()
+    step = 0
+    bar = tqdm(total=total_steps, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
+    for epoch in range(1, config.epochs + 1):
+        order = torch.randperm(len(train_set), generator=shuffler).tolist()
+        for batch_start in range(0, steps_per_epoch * config.batch_size, config.batch_size):
+            rows = order[batch_start : batch_start + config.batch_size]
+            loss = _classifier_step(model, train_set, rows, device, precision, config, lm_loss, shuffler)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if average:
+                average.update(model)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+            if step % config.eval_every == 0:
+                with evaluated():
+                    train_loss, _ = _loss_and_accuracy(
+                        model, train_set, device, precision, config.batch_size, config.eval_batches
+                    )
+                    val_loss, _ = _loss_and_accuracy(
+                        model, val_set, device, precision, config.batch_size, config.eval_batches
+                    )
+                history.eval_examples.append(step * config.batch_size)
+                history.eval_epochs.append(step / steps_per_epoch)
+                history.train_loss.append(train_loss)
+                history.val_loss.append(val_loss)
+                bar.write(
+                    f"epoch {epoch} (step {step:06d}): train loss {train_loss:.3f}, val loss {val_loss:.3f}"
+                )
+        with evaluated():
+            _, train_accuracy = _loss_and_accuracy(
+                model, train_set, device, precision, config.batch_size, config.eval_batches
+            )
+            _, val_accuracy = _loss_and_accuracy(model, val_set, device, precision, SCORE_BATCH)
+        history.epoch_examples.append(step * config.batch_size)
+        history.train_accuracy.append(train_accuracy)
+        history.val_accuracy.append(val_accuracy)
+        bar.write(
+            f"epoch {epoch}: train accuracy {train_accuracy:.2%} ({config.eval_batches} batches), "
+            f"validation accuracy {val_accuracy:.2%} (all {len(val_set)})"
+        )
+    bar.close()
+    if average:
+        model.load_state_dict(average.shadow)
+    if isinstance(model.tok_emb, TrainingVocabulary):
+        model.tok_emb = model.tok_emb.merged()
+    model.eval()
+    return TrainResult(
+        model=model,
+        max_tokens=max_tokens,
+        history=history,
+        train_seconds=time.perf_counter() - start,
+        trainable_parameters=trainable,
+        device=str(device),
+        precision=precision,
+    )
+
+
+def score_texts(
+    model: GPTModel, texts: list[str], max_tokens: int, device: str, precision: str
+) -> list[float]:
+    """P(spam) exactly as the daemon computes it, so the card's metrics are the ones users will see."""
+    classifier = SpamClassifier(
+        model, {"max_tokens": max_tokens}, torch.device(device), precision, SCORE_BATCH
+    )
+    return classifier.score(texts)
+
+
+def config_dict(config: TrainConfig) -> dict:
+    return asdict(config)
