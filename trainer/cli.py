@@ -100,12 +100,12 @@ def _paths(values: tuple[str, ...]) -> list[Path]:
 @click.option(
     "--val-csv",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Explicit validation split (default: 10 %% cut from --train-csv).",
+    help="Explicit validation split (default: 10 % cut from --train-csv).",
 )
 @click.option(
     "--test-csv",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Explicit test split (default: 20 %% cut from --train-csv).",
+    help="Explicit test split (default: 20 % cut from --train-csv).",
 )
 @click.option(
     "--ham",
@@ -142,6 +142,14 @@ def _paths(values: tuple[str, ...]) -> list[Path]:
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True))
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True))
 @click.option("--lm-weight", type=click.FloatRange(min=0), help="Weight of the causal-LM auxiliary loss.")
+@click.option(
+    "--prefix-weight", type=click.FloatRange(min=0), help="Weight of the class loss at every position."
+)
+@click.option(
+    "--token-dropout",
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Share of tokens deleted from each training message (augmentation).",
+)
 @click.option("--ema", type=click.FloatRange(0, 1, max_open=True), help="Weight-average decay (0 = off).")
 @click.option(
     "--max-tokens",
@@ -188,7 +196,15 @@ def _paths(values: tuple[str, ...]) -> list[Path]:
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch [torch's default].")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar.")
 def train(**options) -> None:
-    """Fine-tune a GPT classifier and write a checkpoint, model card and plots to --out."""
+    """Fine-tune a GPT classifier and write a checkpoint, model card and plots to --out.
+
+    \b
+    Options shown without a default come from the recipe:
+      random     (for --weights random): gpt-micro, all parameters, 40 epochs, AdamW lr 1e-3,
+                 wd 0.1, batch 8, 5 % warm-up then cosine, dropout 0.1
+      reference  (for pretrained weights): last block + final norm + head, 5 epochs,
+                 AdamW lr 5e-5, wd 0.1, batch 8, constant lr, no dropout
+    """
     from trainer.data import DataOptions
     from trainer.pipeline import run_training
     from trainer.train import RECIPES, TrainConfig
