@@ -34,7 +34,9 @@ def test_corpus_is_read_verbatim(sms_corpus, sms):
     # Line 5,082 opens an unclosed quote that a default CSV reader would run into the next lines.
     assert sms["Text"][5081].startswith('"')
     assert sms["Text"][5082] == sms_corpus.read_text().splitlines()[5082].split("\t", 1)[1]
-    as_pandas = pd.read_csv(sms_corpus, sep="\t", header=None, names=["Label", "Text"], quoting=csv.QUOTE_NONE)
+    as_pandas = pd.read_csv(
+        sms_corpus, sep="\t", header=None, names=["Label", "Text"], quoting=csv.QUOTE_NONE
+    )
     assert list(sms["Text"]) == list(as_pandas["Text"])
 
 

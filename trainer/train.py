@@ -98,31 +98,37 @@ class TrainResult:
 
 
 class WeightAverage:
-    """Exponential moving average of the weights: a cheap ensemble that steadies a small, noisy run."""
+    """Exponential moving average of the trained weights: a cheap ensemble that steadies a noisy run."""
 
     def __init__(self, model: GPTModel, decay: float):
         self.decay = decay
         self.steps = 0
-        self.shadow = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        self.params = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        self.shadow = [parameter.detach().clone() for parameter in self.params]
 
-    def update(self, model: GPTModel) -> None:
+    @torch.no_grad()
+    def update(self) -> None:
         self.steps += 1
         # Early on the average follows the model closely, else it would stay near the random start.
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        with torch.no_grad():
-            for name, value in model.state_dict().items():
-                if value.dtype.is_floating_point:
-                    self.shadow[name].lerp_(value, 1 - decay)
+        torch._foreach_lerp_(self.shadow, [parameter.detach() for parameter in self.params], 1 - decay)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange live and averaged weights; calling it twice restores the live ones."""
+        for parameter, averaged in zip(self.params, self.shadow, strict=True):
+            live = parameter.detach().clone()
+            parameter.copy_(averaged)
+            averaged.copy_(live)
 
     @contextlib.contextmanager
-    def applied(self, model: GPTModel):
+    def applied(self):
         """Run a block with the averaged weights in the model, then put the live ones back."""
-        live = {name: value.detach().clone() for name, value in model.state_dict().items()}
-        model.load_state_dict(self.shadow)
+        self.swap()
         try:
             yield
         finally:
-            model.load_state_dict(live)
+            self.swap()
 
 
 def _schedule(config: TrainConfig, total_steps: int):
@@ -318,7 +324,7 @@ def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainRe
     history = History()
 
     def evaluated():
-        return average.applied(model) if average else contextlib.nullcontext()
+        return average.applied() if average else contextlib.nullcontext()
 
     start = time.perf_counter()
     model.train()
@@ -334,7 +340,7 @@ def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainRe
             optimizer.step()
             scheduler.step()
             if average:
-                average.update(model)
+                average.update()
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
@@ -367,7 +373,7 @@ def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainRe
         )
     bar.close()
     if average:
-        model.load_state_dict(average.shadow)
+        average.swap()
     if isinstance(model.tok_emb, TrainingVocabulary):
         model.tok_emb = model.tok_emb.merged()
     model.eval()
