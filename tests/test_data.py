@@ -138,6 +138,12 @@ def test_bad_csv_rows_are_named(tmp_path, rows, header, message):
     assert str(path) in str(caught.value)
 
 
+def test_test_csv_alone_is_refused(tmp_path):
+    path = _write_csv(tmp_path / "test.csv", [["ham", "hi"], ["spam", "win"]])
+    with pytest.raises(DataError, match="add --train-csv"):
+        build_splits(DataOptions(test_csv=path))
+
+
 def test_one_class_only_is_refused(tmp_path):
     rows = [["ham", f"message number {i}"] for i in range(40)]
     path = _write_csv(tmp_path / "train.csv", rows)

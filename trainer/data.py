@@ -230,6 +230,10 @@ def check_usable(splits: Splits, origin: str) -> None:
 
 def build_splits(options: DataOptions) -> tuple[Splits, dict]:
     """Splits plus the model card's `data` section (sources, counts, how they were prepared)."""
+    if (options.val_csv or options.test_csv) and options.train_csv is None:
+        raise DataError(
+            "--val-csv and --test-csv go with --train-csv (explicit splits); add --train-csv FILE"
+        )
     card: dict = {"sources": [], "seed": options.seed, "dedup": options.dedup}
     splits: Splits | None = None
     if options.train_csv is not None:
