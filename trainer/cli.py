@@ -251,13 +251,15 @@ def train(**options) -> None:
 
 
 def _print_summary(card: dict, out: Path) -> None:
-    click.echo(
-        f"\nmodel {card['name']} written to {out} (trained in {card['training']['train_seconds']:.0f} s)"
-    )
+    seconds = card["training"]["train_seconds"]
+    click.echo(f"\nmodel {card['name']} written to {out} (trained in {seconds:.0f} s)")
+    thresholds = card["thresholds"]
+    click.echo(f"thresholds: spam >= {thresholds['spam']:.4f}, unsure >= {thresholds['unsure']:.4f}")
+    click.echo("at the spam threshold (what the filter does):")
     for split, metrics in card["metrics"].items():
         click.echo(f"  {split:<10} {_metrics_line(metrics)}")
-    thresholds = card["thresholds"]
-    click.echo(f"  thresholds: spam >= {thresholds['spam']:.4f}, unsure >= {thresholds['unsure']:.4f}")
+    argmax = ", ".join(f"{split} {m['accuracy']:.2%}" for split, m in card["metrics_argmax"].items())
+    click.echo(f"accuracy at P(spam) >= 0.5 (the reference's measure): {argmax}")
 
 
 def _metrics_line(metrics: dict) -> str:
