@@ -33,6 +33,7 @@ def save_checkpoint(model: GPTModel, out_dir: Path, card: dict) -> Path:
     weights = out_dir / WEIGHTS_FILE
     state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(weights), metadata={"format": "pt"})
+    weights.chmod(0o644)  # safetensors writes 0600; the daemon often runs as another user than the trainer
     full_card = {
         "format_version": FORMAT_VERSION,
         "spamfilterd_version": __version__,
