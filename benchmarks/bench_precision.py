@@ -3,7 +3,8 @@
 The speed table (bench_score.py) uses random weights; agreement has to be measured on a real
 model, since a trained head's logits decide how much bf16 rounding shows in the probability.
 
-    python benchmarks/bench_precision.py --model DIR --data ../shared/data/sms_spam_collection/SMSSpamCollection
+    python benchmarks/bench_precision.py --model DIR \
+        --data ../shared/data/sms_spam_collection/SMSSpamCollection
 """
 
 import argparse
@@ -32,7 +33,9 @@ def main() -> None:
         print(f"{precision}: {rate:.1f} msg/s over {len(texts)} messages")
     threshold = classifier.spam_threshold
     diffs = [abs(a - b) for a, b in zip(results["fp32"], results["bf16"], strict=True)]
-    flips = sum((a >= threshold) != (b >= threshold) for a, b in zip(results["fp32"], results["bf16"], strict=True))
+    flips = sum(
+        (a >= threshold) != (b >= threshold) for a, b in zip(results["fp32"], results["bf16"], strict=True)
+    )
     print(f"max |P_bf16 - P_fp32| = {max(diffs):.4f}; mean = {sum(diffs) / len(diffs):.5f}")
     print(f"verdicts that differ at the spam threshold {threshold:.4f}: {flips} of {len(texts)}")
 

@@ -287,9 +287,8 @@ def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainRe
     """Fine-tune on `splits.train`, watching `splits.validation`; same seed, same model on CPU."""
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
-    # bf16 autocast pays on GPUs; on a CPU it would cost the bit-for-bit repeatability of a seed.
-    auto_fp32 = config.precision == "auto" and device.type != "cuda"
-    precision = "fp32" if auto_fp32 else resolve_precision(config.precision, device)
+    # `auto` is fp32 on a CPU, which also keeps a seed's results bit-for-bit repeatable.
+    precision = resolve_precision(config.precision, device)
     model = build_model(config.weights, config.arch, config.dropout).to(device)
     trainable = set_trainable(model, config.trainable)
 
