@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from spamfilterd.config import Config, effective_thresholds
-from spamfilterd.message import header_from_domain, message_to_text
+from spamfilterd.message import header_from_domain, looks_like_email, message_to_text
 from spamfilterd.rules import Decision, Envelope, decide, verdict_for
 from spamfilterd.tagging import STATUS, original_recipients_header, rewrite_headers, status_headers
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 # The GTUBE test string: lets an admin check an install end to end without a real spam at hand.
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+GTUBE_TEXT = GTUBE.decode("ascii")
 
 
 @dataclass
@@ -63,7 +64,8 @@ class FilterEngine:
             raise ValueError(f"{len(raws)} messages but {len(envelopes)} envelopes")
         max_bytes = self.config.message.max_bytes
         texts = [message_to_text(raw, max_bytes) for raw in raws]
-        gtube = [GTUBE in raw for raw in raws]
+        # Raw bytes, and the decoded text for a GTUBE inside a base64 or quoted-printable body.
+        gtube = [GTUBE in raw or GTUBE_TEXT in text.text for raw, text in zip(raws, texts, strict=True)]
         to_score = [text.text for text, is_test in zip(texts, gtube, strict=True) if not is_test]
         model_scores = iter(self.classifier.score(to_score) if to_score else [])
         results = []
@@ -91,5 +93,4 @@ class FilterEngine:
 
     def unchecked(self, raw: bytes) -> bytes:
         """The message to pass on when the classifier failed: no forged verdict survives it."""
-        bare_text = not message_to_text(raw, self.config.message.max_bytes).is_email
-        return rewrite_headers(raw, [(STATUS, "unchecked")], bare_text=bare_text)
+        return rewrite_headers(raw, [(STATUS, "unchecked")], bare_text=not looks_like_email(raw))

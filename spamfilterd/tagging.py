@@ -111,7 +111,7 @@ def _prefixed_subject(field: bytes, prefix: str) -> bytes:
     value = rest.lstrip(b" \t")
     if value[:1] in (b"\r", b"\n", b""):  # the text starts on a continuation line
         return name + b": " + prefix.rstrip().encode("ascii") + rest
-    sep = b" " if value.startswith(b"=?") and not prefix.endswith(" ") else b""
+    sep = b"" if prefix[-1:].isspace() else b" "  # YAML drops a trailing space: "[SPAM]" reads "[SPAM] …"
     return name + b": " + prefix.encode("ascii") + sep + value
 
 

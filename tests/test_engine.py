@@ -130,6 +130,19 @@ def test_gtube_is_spam_even_when_thresholds_say_ham(classifier, tiny_checkpoint)
     assert _head(result.message)["X-Spam-Status"].endswith("tests=GTUBE")
 
 
+def test_gtube_inside_a_base64_body_is_caught(classifier, tiny_checkpoint):
+    import base64
+
+    engine = _engine(classifier, tiny_checkpoint, spam=1.01, unsure=1.01)
+    raw = (
+        b"Subject: test\nMIME-Version: 1.0\nContent-Type: text/plain\n"
+        b"Content-Transfer-Encoding: base64\n\n" + base64.encodebytes(b"hello " + GTUBE) + b"\n"
+    )
+    assert GTUBE not in raw
+    result = engine.check(raw)
+    assert (result.decision.verdict, result.decision.score) == ("spam", 1.0)
+
+
 def test_bare_sms_gets_a_header_block_and_keeps_its_text(classifier, tiny_checkpoint):
     result = _engine(classifier, tiny_checkpoint, spam=0.0).check(SMS)
     head, _, body = result.message.partition(b"\n\n")

@@ -115,6 +115,12 @@ def test_subject_prefix(subject_line, expected):
     assert out == b"From: x@y.z\r\n" + expected + b"\r\n\r\nbody\r\n"
 
 
+def test_prefix_without_trailing_space_gets_one():
+    """YAML drops trailing spaces: `subject-prefix: "[SPAM]"` must not glue to the subject."""
+    out = rewrite_headers(b"Subject: Cheap meds\n\nbody\n", [], subject_prefix="[SPAM]")
+    assert out == b"Subject: [SPAM] Cheap meds\n\nbody\n"
+
+
 def test_encoded_subject_decodes_with_prefix_in_front():
     raw = b"Subject: =?UTF-8?B?R8O8bnN0aWc=?=\n\nbody\n"
     out = rewrite_headers(raw, [], subject_prefix="***SPAM***")
