@@ -4,7 +4,7 @@ Random weights (the speed does not depend on them) with a widened class head so 
 spreads over (0, 1) and the precision modes' disagreement with fp32 is measurable. Prints a
 Markdown table: mode, tokens, batch, msg/s, and the largest |P(spam) - P_fp32(spam)|.
 
-    python benchmarks/bench_score.py [--preset gpt2-small] [--threads N] [--seconds 5]
+    python benchmarks/bench_score.py [--preset gpt2-small] [--threads N] [--seconds 5] [--tokens 32,256]
 """
 
 import argparse
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--modes", default="fp32,bf16,int8")
+    parser.add_argument("--tokens", default="32,256", help="message lengths in tokens, comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(123)
@@ -60,7 +61,7 @@ def main() -> None:
     print(f"preset={args.preset} threads={args.threads} torch={torch.__version__}")
     print("| mode | tokens | batch | msg/s | max abs diff vs fp32 |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for tokens in (32, 256):
+    for tokens in (int(n) for n in args.tokens.split(",")):
         texts = make_texts(64, tokens, seed=tokens)
         reference = build(args.preset, "fp32", tokens, 16, base).score(texts)
         for mode in args.modes.split(","):
