@@ -13,12 +13,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from spamfilterd import __version__
+from spamfilterd.checkpoint_layout import CARD_FILE, WEIGHTS_FILE, checkpoint_files
 from spamfilterd.model import GPTConfig, GPTModel
 from spamfilterd.tokenizer import TOKENIZER_NAME
 
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "model.json"
 DEFAULT_THRESHOLDS = {"spam": 0.5, "unsure": 0.5}
 
 
@@ -55,13 +54,7 @@ def save_checkpoint(model: GPTModel, out_dir: Path, card: dict) -> Path:
 
 def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     """(weights, card) for a checkpoint directory, its model.json, or its .safetensors file."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        weights, card = path / WEIGHTS_FILE, path / CARD_FILE
-    elif path.suffix == ".json":
-        weights, card = path.with_name(WEIGHTS_FILE), path
-    else:
-        weights, card = path, path.with_suffix(".json")
+    weights, card = checkpoint_files(path)
     for needed in (weights, card):
         if not needed.is_file():
             raise CheckpointError(

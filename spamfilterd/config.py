@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from spamfilterd.checkpoint_layout import checkpoint_files
 from spamfilterd.rules import (
     ACTIONS,
     DEFAULT_REJECT_TEXT,
@@ -128,15 +129,6 @@ def load_config(path: Path | None = None, model_override: Path | None = None) ->
         return _build(data, source, model_override)
     except ConfigError as exc:
         raise ConfigError(f"{name}: {exc}") from None
-
-
-def checkpoint_files(path: Path) -> tuple[Path, Path]:
-    """(weights, card) of a checkpoint directory, its .safetensors file or its model.json."""
-    if path.is_dir():
-        return path / "model.safetensors", path / "model.json"
-    if path.suffix == ".json":
-        return path.with_name("model.safetensors"), path
-    return path, path.with_suffix(".json")
 
 
 def read_card_thresholds(checkpoint: Path) -> dict[str, float]:

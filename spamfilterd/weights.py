@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from spamfilterd.checkpoint_layout import WEIGHTS_FILE  # Hugging Face uses the same file name
 from spamfilterd.model import PRESETS, GPTConfig, GPTModel
 
 HF_REPOS = {
@@ -20,7 +21,6 @@ HF_REPOS = {
     "gpt2-large": "openai-community/gpt2-large",
     "gpt2-xl": "openai-community/gpt2-xl",
 }
-WEIGHTS_FILE = "model.safetensors"
 # GPT-2's published sizes: emb_dim fixes the number of heads when no config.json is at hand.
 HEADS_BY_EMB_DIM = {768: 12, 1024: 16, 1280: 20, 1600: 25}
 
