@@ -65,7 +65,7 @@ class MessageConfig:
 class SmtpConfig:
     listen: str = "127.0.0.1:10025"
     downstream: str = "127.0.0.1:10026"
-    protocol: str = "smtp"  # smtp | lmtp (towards downstream)
+    protocol: str = "smtp"  # smtp | lmtp, spoken to clients and downstream alike
     max_message_size: int = 26_214_400
     max_recipients: int = 100
     max_sessions: int = 50
