@@ -60,6 +60,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def autocast_for(device: torch.device, precision: str):
+    """The autocast context for a resolved precision: bf16 autocast, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class SpamClassifier:
     """A loaded checkpoint that scores texts; thread-compatible but not re-entrant (one caller at a time)."""
 
@@ -91,11 +98,6 @@ class SpamClassifier:
         model, card = load_checkpoint(Path(path), device=resolved)
         return cls(model, card, resolved, resolve_precision(precision, resolved), batch_size)
 
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def score(self, texts: list[str]) -> list[float]:
         """P(spam) for each text, in order. Sorting by length keeps padding, and so work, small."""
         encoded = [encode_text(self.tokenizer, text, self.max_tokens) for text in texts]
@@ -104,7 +106,7 @@ class SpamClassifier:
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
             ids, last = pad_batch([encoded[i] for i in rows])
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode(), autocast_for(self.device, self.precision):
                 hidden = self.model.hidden_states(ids.to(self.device))
                 logits = self.model.out_head(last_token_logits(hidden, last))
             probabilities = torch.softmax(logits.float(), dim=-1)[:, 1].tolist()

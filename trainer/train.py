@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from spamfilterd.classifier import (
     SpamClassifier,
+    autocast_for,
     encode_text,
     pad_batch,
     resolve_device,
@@ -145,12 +146,6 @@ def _schedule(config: TrainConfig, total_steps: int):
     return factor
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 class _Batches:
     """Token ids of one split, served in batches padded only to their own longest message."""
 
@@ -238,7 +233,7 @@ class _LanguageModelLoss:
 
 def _classifier_step(model, batches, rows, device, precision, config, lm_loss, generator):
     ids, last, labels = batches.batch(rows, device, config.token_dropout, generator)
-    with _autocast(device, precision):
+    with autocast_for(device, precision):
         hidden = model.hidden_states(ids)
         logits = model.out_head(hidden[torch.arange(len(rows), device=device), last])
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
@@ -267,7 +262,7 @@ def _loss_and_accuracy(model, batches, device, precision, batch_size, limit=None
     total_loss, correct, seen = 0.0, 0, 0
     for rows in batches.ordered(batch_size, limit):
         ids, last, labels = batches.batch(rows, device)
-        with _autocast(device, precision):
+        with autocast_for(device, precision):
             hidden = model.hidden_states(ids)
             logits = model.out_head(hidden[torch.arange(len(rows), device=device), last]).float()
         total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
