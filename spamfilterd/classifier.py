@@ -38,7 +38,7 @@ def pad_batch(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def last_token_logits(logits: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
-    """Rows of [batch, tokens, classes] at each message's last real token -> [batch, classes]."""
+    """Each message's row at its last real token: [batch, tokens, features] -> [batch, features]."""
     return logits[torch.arange(logits.shape[0], device=logits.device), last_index.to(logits.device)]
 
 

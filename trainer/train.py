@@ -20,6 +20,7 @@ from spamfilterd.classifier import (
     SpamClassifier,
     autocast_for,
     encode_text,
+    last_token_logits,
     pad_batch,
     resolve_device,
     resolve_precision,
@@ -235,7 +236,7 @@ def _classifier_step(model, batches, rows, device, precision, config, lm_loss, g
     ids, last, labels = batches.batch(rows, device, config.token_dropout, generator)
     with autocast_for(device, precision):
         hidden = model.hidden_states(ids)
-        logits = model.out_head(hidden[torch.arange(len(rows), device=device), last])
+        logits = model.out_head(last_token_logits(hidden, last))
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
         if lm_loss is not None:
             loss = loss + config.lm_weight * lm_loss(model, hidden, ids, last)
@@ -264,7 +265,7 @@ def _loss_and_accuracy(model, batches, device, precision, batch_size, limit=None
         ids, last, labels = batches.batch(rows, device)
         with autocast_for(device, precision):
             hidden = model.hidden_states(ids)
-            logits = model.out_head(hidden[torch.arange(len(rows), device=device), last]).float()
+            logits = model.out_head(last_token_logits(hidden, last)).float()
         total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += int((logits.argmax(dim=-1) == labels).sum())
         seen += len(rows)
