@@ -28,6 +28,7 @@ from spamfilterd.rules import (
     Match,
     Rule,
 )
+from spamfilterd.scores import threshold_on_grid
 
 CONFIG_ENV = "SPAMFILTERD_CONFIG"
 SEARCH_PATH = (Path("/etc/spamfilterd/config.yaml"), Path("config.yaml"))
@@ -142,11 +143,17 @@ def read_card_thresholds(checkpoint: Path) -> dict[str, float]:
 
 
 def effective_thresholds(config: Config, card: dict[str, float]) -> tuple[float, float]:
-    """(spam, unsure): the config's values, else the model card's; 0.5 where neither has one.
+    """(spam, unsure) on the printed 0.001 grid: the config's values, else the model card's; 0.5
+    where neither has one.
 
     An unsure threshold taken from the card never exceeds the spam threshold, so `spam: 0.0`
     alone really makes everything spam.
     """
+    spam, unsure = _chosen_thresholds(config, card)
+    return threshold_on_grid(spam), threshold_on_grid(unsure)
+
+
+def _chosen_thresholds(config: Config, card: dict[str, float]) -> tuple[float, float]:
     configured = config.thresholds
     spam = configured.spam if configured.spam is not None else card.get("spam", 0.5)
     if configured.unsure is None:

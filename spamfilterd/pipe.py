@@ -27,6 +27,7 @@ from spamfilterd.config import (
     read_card_thresholds,
 )
 from spamfilterd.rules import Envelope
+from spamfilterd.scores import score_on_grid
 
 if TYPE_CHECKING:
     from spamfilterd.engine import CheckResult, FilterEngine
@@ -203,7 +204,7 @@ def _classify_many(engine: FilterEngine, inputs: tuple[str, ...], envelope: Enve
             first = chunk[0][0]
             raise _Failure(f"classifier failed on a batch starting with {first}: {exc}") from exc
         for (name, _), result in zip(chunk, results, strict=True):
-            record = _record(name, result, engine.model_id)
+            record = _record(name, result, engine.model_id, engine.spam_threshold)
             if fmt == "json":
                 records.append(record)
             else:
@@ -219,12 +220,13 @@ def _classify_many(engine: FilterEngine, inputs: tuple[str, ...], envelope: Enve
     return VERDICT_EXIT[last_verdict] if count == 1 else 0
 
 
-def _record(name: str, result: CheckResult, model_id: str) -> dict:
+def _record(name: str, result: CheckResult, model_id: str, required: float) -> dict:
     decision = result.decision
     return {
         "file": name,
         "verdict": decision.verdict,
-        "score": round(decision.score, 6),
+        "score": score_on_grid(decision.score),
+        "required": required,
         "actions": list(decision.actions),
         "rule": decision.rule,
         "model": model_id,

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+from spamfilterd.scores import score_on_grid, threshold_on_grid
+
 VERDICTS = ("ham", "unsure", "spam")
 ACTIONS = ("accept", "tag", "subject-prefix", "redirect", "reject", "tempfail")
 # Actions that decide the fate of the message alone: they combine with nothing else.
@@ -102,9 +104,11 @@ class Decision:
 
 
 def verdict_for(score: float, spam_threshold: float, unsure_threshold: float) -> str:
-    if score >= spam_threshold:
+    """The verdict on the printed grid (spamfilterd.scores), so headers never contradict it."""
+    printed = score_on_grid(score)
+    if printed >= threshold_on_grid(spam_threshold):
         return "spam"
-    if score >= unsure_threshold:
+    if printed >= threshold_on_grid(unsure_threshold):
         return "unsure"
     return "ham"
 

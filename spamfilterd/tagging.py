@@ -13,6 +13,7 @@ from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 
 from spamfilterd.rules import Decision
+from spamfilterd.scores import score_text
 
 FLAG = "X-Spam-Flag"
 STATUS = "X-Spam-Status"
@@ -173,7 +174,7 @@ def status_headers(decision: Decision, required: float, model_id: str) -> list[t
     """The SpamAssassin-shaped headers written on every checked message, ham included."""
     yes = "Yes" if decision.flagged else "No"
     status = (
-        f"{yes}, score={decision.score:.3f} required={required:.3f} verdict={decision.verdict}"
+        f"{yes}, score={score_text(decision.score)} required={required:.3f} verdict={decision.verdict}"
         f" rule={decision.rule} model={_clean(model_id).replace(' ', '_')}"
     )
     if decision.gtube:
@@ -181,7 +182,7 @@ def status_headers(decision: Decision, required: float, model_id: str) -> list[t
     return [
         (FLAG, "YES" if decision.flagged else "NO"),
         (STATUS, status),
-        (SCORE, f"{decision.score:.3f}"),
+        (SCORE, score_text(decision.score)),
         (LEVEL, "*" * min(10, max(0, int(decision.score * 10 + 1e-9)))),
         (MODEL, model_id),
     ]
