@@ -18,6 +18,7 @@ from trainer.data import (
     read_labelled_csv,
     read_mail,
     reference_split,
+    source_kind,
 )
 from trainer.errors import DataError
 
@@ -200,3 +201,50 @@ def test_csv_paths_are_read_as_messages(tmp_path):
     frame = read_labelled_csv(_write_csv(tmp_path / "paths.csv", rows, ("Label", "Path")))
     assert len(frame) == 12
     assert "Cheap meds 0" in frame["Text"][1]
+
+
+def make_email_corpus(root: Path, n: int = 10) -> Path:
+    """Folders named as in the SpamAssassin public corpus: easy_ham, hard_ham, spam (and noise)."""
+    layout = {
+        "easy_ham": lambda i: _email(f"Re: build {i} failed", f"The nightly build {i} broke on arm64. Tom"),
+        "hard_ham": lambda i: _email(f"Newsletter {i}", f"Our September offers, issue {i}. Unsubscribe."),
+        "spam": lambda i: _email(f"Make ${i}000 fast", f"Work from home and earn {i}000 dollars weekly!"),
+        "notes": lambda i: b"not mail at all",
+    }
+    for folder, make in layout.items():
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            (root / folder / f"{i:05d}.txt").write_bytes(make(i))
+    return root
+
+
+def test_email_corpus_labels_folders_by_name(tmp_path):
+    corpus = make_email_corpus(tmp_path / "corpus")
+    splits, card = build_splits(DataOptions(use_sms=False, email_corpus=[corpus]))
+    source = card["sources"][0]
+    assert source["kind"] == "email-corpus" and source["messages"] == {"ham": 20, "spam": 10}
+    assert [Path(path).name for path in source["ham"]] == ["easy_ham", "hard_ham"]
+    assert [Path(path).name for path in source["spam"]] == ["spam"]
+    assert sum(splits.sizes().values()) == 30
+    assert {source_kind(value) for value in splits.train["Source"]} == {"email"}
+
+
+def test_email_corpus_mixes_with_sms_and_keeps_the_sms_split(tmp_path, sms_corpus):
+    corpus = make_email_corpus(tmp_path / "corpus")
+    sms_only, _ = build_splits(DataOptions(data=sms_corpus, balance=False))
+    mixed, card = build_splits(DataOptions(data=sms_corpus, balance=False, email_corpus=[corpus]))
+    assert [source["kind"] for source in card["sources"]] == ["sms", "email-corpus"]
+    sms_test = mixed.test[[source_kind(value) == "sms" for value in mixed.test["Source"]]]
+    assert list(sms_test["Text"]) == list(sms_only.test["Text"])
+    assert len(mixed.test) == len(sms_only.test) + 6
+
+
+@pytest.mark.parametrize(
+    ("folders", "message"),
+    [(["easy_ham"], "needs folders named \\*ham\\* .* and spam\\*"), ([], "no folders")],
+)
+def test_email_corpus_without_both_classes_is_a_data_error(tmp_path, folders, message):
+    for folder in folders:
+        (tmp_path / folder).mkdir()
+    with pytest.raises(DataError, match=message):
+        build_splits(DataOptions(use_sms=False, email_corpus=[tmp_path]))

@@ -51,6 +51,7 @@ class DataOptions:
     test_csv: Path | None = None
     ham: list[Path] = field(default_factory=list)
     spam: list[Path] = field(default_factory=list)
+    email_corpus: list[Path] = field(default_factory=list)
 
 
 def label_counts(frame: pd.DataFrame) -> dict[str, int]:
@@ -148,7 +149,7 @@ def read_mail(paths: list[Path], label: int) -> tuple[pd.DataFrame, int]:
                 text = message_to_text(raw).text
                 if text.strip():
                     texts.append(text)
-                    sources.append(f"mail:{path}")
+                    sources.append(f"email:{path}")
                 else:
                     empty += 1
         except MailSourceError as exc:
@@ -157,6 +158,26 @@ def read_mail(paths: list[Path], label: int) -> tuple[pd.DataFrame, int]:
             raise DataError(f"{path}: cannot read mail ({exc.strerror or exc})") from exc
     frame = pd.DataFrame({"Label": [label] * len(texts), "Text": texts, "Source": sources}, columns=COLUMNS)
     return frame, empty
+
+
+def email_corpus_folders(root: Path) -> tuple[list[Path], list[Path]]:
+    """(ham folders, spam folders) of a corpus laid out like SpamAssassin's public corpus.
+
+    Folders whose names contain `ham` are ham (easy_ham, hard_ham, easy_ham_2), folders whose names
+    start with `spam` are spam (spam, spam_2); anything else is ignored.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: --email-corpus must be a directory of ham*/spam* folders")
+    folders = sorted(entry for entry in root.iterdir() if entry.is_dir())
+    ham = [folder for folder in folders if "ham" in folder.name.lower()]
+    spam = [folder for folder in folders if folder.name.lower().startswith("spam")]
+    if not ham or not spam:
+        raise DataError(
+            f"{root}: an email corpus needs folders named *ham* (good mail) and spam* (spam); found "
+            f"{[folder.name for folder in folders] or 'no folders'}"
+        )
+    return ham, spam
 
 
 def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -228,6 +249,26 @@ def check_usable(splits: Splits, origin: str) -> None:
             )
 
 
+def _mail_splits(ham_paths: list[Path], spam_paths: list[Path], seed: int) -> tuple[Splits, dict]:
+    """Mail folders read as the daemon reads them, deduplicated, split 70/10/20 stratified."""
+    ham, ham_empty = read_mail(ham_paths, 0)
+    spam, spam_empty = read_mail(spam_paths, 1)
+    mail, dedup = deduplicate(pd.concat([ham, spam]))
+    source = {
+        "ham": [str(path) for path in ham_paths],
+        "spam": [str(path) for path in spam_paths],
+        "messages": label_counts(mail),
+        "empty_skipped": ham_empty + spam_empty,
+        **dedup,
+    }
+    return stratified_split(mail, seed), source
+
+
+def source_kind(source: str) -> str:
+    """`sms`, `email` or `csv`: the kind of message a row is, for metrics per kind."""
+    return source.split(":", 1)[0]
+
+
 def build_splits(options: DataOptions) -> tuple[Splits, dict]:
     """Splits plus the model card's `data` section (sources, counts, how they were prepared)."""
     if (options.val_csv or options.test_csv) and options.train_csv is None:
@@ -279,21 +320,15 @@ def build_splits(options: DataOptions) -> tuple[Splits, dict]:
             else "all messages, stratified 70/10/20"
         )
         card["sources"].append(source)
+    for corpus in options.email_corpus:
+        ham_folders, spam_folders = email_corpus_folders(corpus)
+        mail_splits, source = _mail_splits(ham_folders, spam_folders, options.seed)
+        card["sources"].append({"kind": "email-corpus", "path": str(corpus), **source})
+        splits = concat_splits(splits, mail_splits)
     if options.ham or options.spam:
-        ham, ham_empty = read_mail(options.ham, 0)
-        spam, spam_empty = read_mail(options.spam, 1)
-        mail, dedup = deduplicate(pd.concat([ham, spam]))
-        card["sources"].append(
-            {
-                "kind": "mail",
-                "ham": [str(path) for path in options.ham],
-                "spam": [str(path) for path in options.spam],
-                "messages": label_counts(mail),
-                "empty_skipped": ham_empty + spam_empty,
-                **dedup,
-            }
-        )
-        splits = concat_splits(splits, stratified_split(mail, options.seed))
+        mail_splits, source = _mail_splits(options.ham, options.spam, options.seed)
+        card["sources"].append({"kind": "mail", **source})
+        splits = concat_splits(splits, mail_splits)
     if splits is None:
         raise DataError("no training data: use the SMS corpus (default), --train-csv, or --ham/--spam")
     check_usable(splits, "training data")
