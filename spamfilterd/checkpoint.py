@@ -6,6 +6,7 @@ file is caught before it is used.
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -72,6 +73,12 @@ def read_card(card_path: Path) -> dict:
     if not isinstance(card, dict) or "architecture" not in card:
         raise CheckpointError(
             f"{card_path}: no 'architecture' in the model card; not a spamfilterd checkpoint"
+        )
+    temperature = card.get("temperature", 1.0)
+    if not isinstance(temperature, int | float) or not math.isfinite(temperature) or temperature <= 0:
+        raise CheckpointError(
+            f"{card_path}: 'temperature' must be a positive number (the trainer writes it), got "
+            f"{temperature!r}; retrain, or remove the key to score without calibration"
         )
     if card.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from spamfilterd.checkpoint import load_checkpoint
+from spamfilterd.rules import verdict_for
 from spamfilterd.tokenizer import PAD_TOKEN_ID, get_tokenizer
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -35,11 +36,6 @@ def pad_batch(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     last = torch.tensor([len(seq) - 1 for seq in seqs], dtype=torch.long)
     return ids, last
-
-
-def last_token_logits(logits: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
-    """Each message's row at its last real token: [batch, tokens, features] -> [batch, features]."""
-    return logits[torch.arange(logits.shape[0], device=logits.device), last_index.to(logits.device)]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -81,6 +77,9 @@ class SpamClassifier:
         thresholds = card.get("thresholds", {})
         self.spam_threshold = float(thresholds.get("spam", 0.5))
         self.unsure_threshold = float(thresholds.get("unsure", self.spam_threshold))
+        # Temperature scaling (fitted by the trainer on validation data) makes P(spam) calibrated;
+        # cards written before it existed have none and score as they always did.
+        self.temperature = float(card.get("temperature", 1.0))
         self.model_id = f"{card.get('name', 'model')}@{card.get('weights_sha256', 'unknown')[:12]}"
 
     @classmethod
@@ -107,14 +106,13 @@ class SpamClassifier:
             rows = order[start : start + self.batch_size]
             ids, last = pad_batch([encoded[i] for i in rows])
             with torch.inference_mode(), autocast_for(self.device, self.precision):
-                hidden = self.model.hidden_states(ids.to(self.device))
-                logits = self.model.out_head(last_token_logits(hidden, last))
-            probabilities = torch.softmax(logits.float(), dim=-1)[:, 1].tolist()
+                logits = self.model(ids.to(self.device), last)
+            probabilities = torch.softmax(logits.float() / self.temperature, dim=-1)[:, 1].tolist()
             for row, probability in zip(rows, probabilities, strict=True):
                 scores[row] = probability
         return scores
 
     def classify(self, text: str) -> tuple[str, float]:
-        """("spam" | "ham", P(spam)) at the model card's spam threshold."""
+        """("spam" | "unsure" | "ham", P(spam)) at the model card's thresholds, by the daemon's rule."""
         score = self.score([text])[0]
-        return ("spam" if score >= self.spam_threshold else "ham"), score
+        return verdict_for(score, self.spam_threshold, self.unsure_threshold), score

@@ -12,7 +12,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SMS_CORPUS = REPO_ROOT.parent / "shared" / "data" / "sms_spam_collection" / "SMSSpamCollection"
 
 
-def make_tiny_checkpoint(out_dir: Path, thresholds: dict | None = None, seed: int = 0) -> Path:
+def make_tiny_checkpoint(
+    out_dir: Path, thresholds: dict | None = None, seed: int = 0, temperature: object = None
+) -> Path:
     """A random `gpt-tiny` classifier saved in the real checkpoint format."""
     torch.manual_seed(seed)
     model = classifier_from(GPTModel(PRESETS["gpt-tiny"]))
@@ -21,6 +23,8 @@ def make_tiny_checkpoint(out_dir: Path, thresholds: dict | None = None, seed: in
         "max_tokens": 64,
         "thresholds": thresholds or {"spam": 0.5, "unsure": 0.3},
     }
+    if temperature is not None:
+        card["temperature"] = temperature
     return save_checkpoint(model, out_dir, card)
 
 

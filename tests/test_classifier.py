@@ -1,9 +1,14 @@
+import math
+
 import pytest
 import torch
 
 from spamfilterd import SpamClassifier
-from spamfilterd.classifier import encode_text, last_token_logits, pad_batch
+from spamfilterd.checkpoint import CheckpointError
+from spamfilterd.classifier import encode_text, pad_batch
+from spamfilterd.rules import verdict_for
 from spamfilterd.tokenizer import PAD_TOKEN_ID, get_tokenizer
+from tests.conftest import make_tiny_checkpoint
 
 TEXTS = [
     "WINNER!! You have been selected to receive a £900 prize reward! Call 09061701461.",
@@ -19,8 +24,29 @@ def test_scores_are_probabilities(tiny_checkpoint):
     scores = classifier.score(TEXTS)
     assert len(scores) == len(TEXTS) and all(0.0 <= s <= 1.0 for s in scores)
     label, score = classifier.classify(TEXTS[0])
-    assert label == ("spam" if score >= 0.5 else "ham") and score == pytest.approx(scores[0], abs=1e-5)
+    assert label == verdict_for(score, 0.5, 0.3) and score == pytest.approx(scores[0], abs=1e-5)
     assert classifier.model_id.startswith("tiny-test@") and classifier.max_tokens == 64
+
+
+def test_classify_has_the_daemons_unsure_band(tmp_path):
+    checkpoint = make_tiny_checkpoint(tmp_path / "all-unsure", thresholds={"spam": 1.0, "unsure": 0.0})
+    assert SpamClassifier.load(checkpoint, device="cpu").classify(TEXTS[0])[0] == "unsure"
+
+
+def test_temperature_from_the_card_scales_the_logits(tmp_path):
+    plain = SpamClassifier.load(make_tiny_checkpoint(tmp_path / "t1"), device="cpu")
+    hot = SpamClassifier.load(make_tiny_checkpoint(tmp_path / "t3", temperature=3.0), device="cpu")
+    assert hot.temperature == 3.0 and plain.temperature == 1.0
+    for p_plain, p_hot in zip(plain.score(TEXTS), hot.score(TEXTS), strict=True):
+        margin = math.log(p_plain / (1 - p_plain))
+        assert p_hot == pytest.approx(1 / (1 + math.exp(-margin / 3)), abs=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "2", float("inf")])
+def test_a_bad_temperature_is_refused_with_the_file_named(tmp_path, bad):
+    checkpoint = make_tiny_checkpoint(tmp_path / "bad", temperature=bad)
+    with pytest.raises(CheckpointError, match=r"model\.json: 'temperature' must be a positive number"):
+        SpamClassifier.load(checkpoint, device="cpu")
 
 
 def test_batch_and_alone_agree(tiny_checkpoint):
@@ -33,7 +59,8 @@ def test_batch_and_alone_agree(tiny_checkpoint):
     ids, last = pad_batch([encode_text(classifier.tokenizer, t, 64) for t in TEXTS[:3]])
     with torch.no_grad():
         logits = classifier.model(ids)
-    assert not torch.allclose(logits[:, -1], last_token_logits(logits, last))
+    assert not torch.allclose(logits[:, -1], classifier.model(ids, last))
+    assert torch.allclose(logits[torch.arange(3), last], classifier.model(ids, last))
 
 
 def test_bf16_stays_close_to_fp32(tiny_checkpoint):

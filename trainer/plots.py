@@ -80,3 +80,36 @@ def plot_test_scores(
     figure.savefig(out, dpi=110)
     plt.close(figure)
     return out
+
+
+def plot_reliability(table: list[dict], test_metrics: dict, out: Path) -> Path:
+    """Reliability diagram of the test set: mean P(spam) against the share that is spam, per bin."""
+    figure, ax = plt.subplots(figsize=(5.5, 5), layout="constrained")
+    filled = [row for row in table if row["n"]]
+    centres = [(row["low"] + row["high"]) / 2 for row in filled]
+    ax.bar(
+        centres,
+        [row["spam_share"] for row in filled],
+        width=0.09,
+        alpha=0.7,
+        label="share of spam in the bin",
+    )
+    ax.plot(
+        [row["mean_score"] for row in filled],
+        [row["spam_share"] for row in filled],
+        marker="o",
+        color="crimson",
+        label="mean P(spam) vs share of spam",
+    )
+    for centre, row in zip(centres, filled, strict=True):
+        ax.annotate(str(row["n"]), (centre, 0.02), ha="center", fontsize=8)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("P(spam) (bins of 0.1; messages per bin at the bottom)")
+    ax.set_ylabel("share of spam")
+    ax.set_title(f"Test reliability: ECE {test_metrics['ece']:.4f}, Brier {test_metrics['brier']:.4f}")
+    ax.legend(loc="upper left")
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
