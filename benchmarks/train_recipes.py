@@ -60,7 +60,12 @@ def main() -> None:
     accuracy = {}
     for name, frame in (("val", splits.validation), ("test", splits.test)):
         scores = score_texts(
-            result.model, list(frame["Text"]), result.max_tokens, result.device, result.precision
+            result.model,
+            list(frame["Text"]),
+            result.max_tokens,
+            result.temperature,
+            result.device,
+            result.precision,
         )
         accuracy[name] = classification_metrics(list(frame["Label"]), scores)["accuracy"]
     line = {

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from spamfilterd.classifier import SpamClassifier
-from tests.test_data import make_mail
+from tests.test_data import make_email_corpus, make_mail
 from trainer.cli import main
 
 TINY = ["--arch", "gpt-tiny", "--epochs", "2", "--eval-every", "20", "--threads", "2", "--no-progress"]
@@ -38,28 +38,47 @@ def trained(tmp_path_factory, small_corpus) -> tuple[Path, dict, str]:
 
 def test_training_writes_checkpoint_card_and_plots(trained, small_corpus):
     out, card, output = trained
-    for name in ("model.safetensors", "model.json", "training_curves.png", "test_scores.png"):
+    for name in (
+        "model.safetensors",
+        "model.json",
+        "training_curves.png",
+        "test_scores.png",
+        "reliability.png",
+    ):
         assert (out / name).stat().st_size > 1000, name
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert card["data"]["sources"][0]["origin"] == str(small_corpus)
     assert card["data"]["split_sizes"] == {"train": 419, "validation": 59, "test": 122}
     training = card["training"]
     assert training["arch"] == "gpt-tiny" and training["epochs"] == 2 and training["trainable"] == "all"
-    assert training["lr"] == 1e-3 and training["schedule"] == "cosine"  # the `random` recipe's defaults
+    assert training["lr"] == 5e-4 and training["schedule"] == "cosine"  # the `random` recipe's defaults
+    assert training["max_tokens"] == 256 and training["steps"] is None  # --epochs replaced the steps
     assert training["train_seconds"] > 0 and training["device"] == "cpu"
     for split in ("train", "validation", "test"):
         metrics = card["metrics"][split]
         assert sum(metrics["confusion"].values()) == metrics["n"] == card["data"]["split_sizes"][split]
         assert 0.0 <= metrics["fpr"] <= 1.0 and 0.0 <= metrics["f1"] <= 1.0
     assert card["metrics_argmax"]["test"]["accuracy"] >= 0.8
-    assert card["metrics"]["validation"]["fpr"] <= 0.005
     assert 0.5 <= card["thresholds"]["spam"] <= 1.0
     assert card["thresholds"]["spam"] / 2 <= card["thresholds"]["unsure"] <= card["thresholds"]["spam"]
+    assert all(round(value, 3) == value for value in card["thresholds"].values())
+    # Calibration: the kept epoch, its temperature, and the measures the issue asks for.
+    assert card["calibration"]["selected_epoch"] in (1, 2) and 0.05 <= card["temperature"] <= 100
+    test = card["metrics"]["test"]
+    assert 0.0 <= test["ece"] <= 1.0 and 0.0 <= test["brier"] <= 1.0 and test["unsure"] >= 0
+    assert sum(row["n"] for row in card["test_reliability"]) == card["data"]["split_sizes"]["test"]
+    assert len(card["history"]["val_calibrated_nll"]) == 2
+    # 51 validation ham cannot measure 0.5 %: thresholds are counted on 5-fold cross-validation.
+    choice = card["threshold_choice"]
+    assert choice["chosen_on"].startswith("5-fold cross-validation") and choice["messages"] == 419 + 59
+    assert choice["metrics"]["n"] == 478 and choice["metrics"]["fpr"] <= 0.005
+    assert "cross-validation for the thresholds: fold 5 of 5" in output
     assert card["max_tokens"] <= 128 and card["architecture"]["emb_dim"] == 32
     assert len(card["history"]["val_accuracy"]) == 2 and card["history"]["train_loss"]
     assert "epoch 1 (step 000020): train loss" in output and "validation accuracy" in output
     classifier = SpamClassifier.load(out, device="cpu")
     assert classifier.spam_threshold == card["thresholds"]["spam"]
+    assert classifier.temperature == card["temperature"]
     assert classifier.max_tokens == card["max_tokens"]
 
 
@@ -107,6 +126,38 @@ def test_own_mail_trains_and_evaluates(tmp_path):
     assert sum(card["data"]["split_sizes"].values()) == 40
     report = json.loads(invoke("evaluate", "--model", out, "--ham", ham, "--spam", spam, "--json").output)
     assert report["n"] == 42  # evaluation keeps duplicates: it measures what arrives
+
+
+def test_email_corpus_and_sms_train_one_model_measured_per_source(tmp_path, small_corpus):
+    corpus = make_email_corpus(tmp_path / "corpus", n=20)
+    out = tmp_path / "both"
+    result = invoke("--data", small_corpus, "--no-balance", "--email-corpus", corpus, "--out", out, *TINY)
+    assert result.exit_code == 0, result.output
+    card = json.loads((out / "model.json").read_text())
+    assert [source["kind"] for source in card["data"]["sources"]] == ["sms", "email-corpus"]
+    by_source = card["metrics_by_source"]
+    assert set(by_source) == {"sms", "email"}
+    assert by_source["email"]["test"]["n"] == 12 and by_source["sms"]["test"]["n"] == 122
+    assert by_source["email"]["test"]["n"] + by_source["sms"]["test"]["n"] == card["metrics"]["test"]["n"]
+    assert "test email" in result.output and "test sms" in result.output
+
+
+def test_no_cross_validation_counts_thresholds_on_validation(tmp_path, small_corpus):
+    out = tmp_path / "no-cv"
+    result = invoke("--data", small_corpus, "--no-balance", "--out", out, "--cv-folds", "0", *TINY)
+    assert result.exit_code == 0, result.output
+    choice = json.loads((out / "model.json").read_text())["threshold_choice"]
+    assert choice["chosen_on"] == "validation" and choice["messages"] == 59
+    assert "cross-validation" not in result.output
+
+
+def test_steps_size_the_run_by_updates(tmp_path, small_corpus):
+    out = tmp_path / "steps"
+    args = TINY[:2] + TINY[4:]  # without --epochs 2
+    result = invoke("--data", small_corpus, "--no-balance", "--out", out, "--steps", "60", *args)
+    assert result.exit_code == 0, result.output
+    training = json.loads((out / "model.json").read_text())["training"]
+    assert training["steps"] == 60 and training["epochs_run"] == 2  # 419 messages = 52 batches of 8
 
 
 def test_label_path_csv_splits(tmp_path):

@@ -2,7 +2,13 @@
 
 import pytest
 
-from trainer.metrics import choose_thresholds, classification_metrics, roc_curve, threshold_for_fpr
+from trainer.metrics import (
+    can_measure,
+    choose_thresholds,
+    classification_metrics,
+    roc_curve,
+    threshold_for_fpr,
+)
 
 
 def test_metrics_at_a_threshold():
@@ -22,25 +28,33 @@ def test_empty_ratios_are_zero_not_nan():
     assert metrics["precision"] == 0.0 and metrics["recall"] == 0.0 and metrics["f1"] == 0.0
 
 
-def test_threshold_meets_the_false_positive_rate():
+def test_threshold_meets_the_false_positive_rate_on_the_printed_grid():
     labels = [0] * 10 + [1] * 5
-    scores = [i / 100 for i in range(10)] + [0.95] * 5  # ham 0.00 … 0.09
+    scores = [0.5 + i / 100 for i in range(10)] + [0.995] * 5  # ham 0.50 … 0.59
     zero_fp = threshold_for_fpr(labels, scores, 0.0)
-    assert 0.09 < zero_fp < 0.0901
+    assert zero_fp == 0.591  # one grid step above the highest ham
     assert classification_metrics(labels, scores, zero_fp)["confusion"]["fp"] == 0
     one_fp = threshold_for_fpr(labels, scores, 0.1)
-    assert classification_metrics(labels, scores, one_fp)["confusion"]["fp"] == 1
-    assert threshold_for_fpr(labels, scores, 1.0) == 0.0
+    assert one_fp == 0.581 and classification_metrics(labels, scores, one_fp)["confusion"]["fp"] == 1
+    assert threshold_for_fpr(labels, scores, 1.0) == 0.5  # never below the argmax point
+    assert threshold_for_fpr([0, 1], [0.9999, 1.0], 0.0) == 1.0
 
 
-def test_chosen_thresholds_keep_their_order_and_floor():
+def test_can_measure_needs_one_over_max_fpr_ham():
+    assert not can_measure([0] * 199 + [1] * 500, 0.005)
+    assert can_measure([0] * 200, 0.005)
+    assert not can_measure([0] * 1000, 0.0)
+
+
+def test_thresholds_are_ordered_and_on_the_grid():
     labels = [0] * 200 + [1] * 200
     scores = [i / 1000 for i in range(200)] + [0.99] * 200  # ham up to 0.199
     thresholds = choose_thresholds(labels, scores, max_fpr=0.005, unsure_fpr=0.05)
-    assert thresholds["spam"] == 0.5  # never below the argmax point
-    assert thresholds["spam"] / 2 <= thresholds["unsure"] <= thresholds["spam"]
-    worse = choose_thresholds([0, 0, 1], [0.97, 0.2, 0.99], max_fpr=0.0)
-    assert 0.97 < worse["spam"] <= 1.0 and worse["unsure"] <= worse["spam"]
+    assert thresholds == {"spam": 0.5, "unsure": 0.5}
+    worse = choose_thresholds([0] * 20 + [1] * 5, [0.01] * 18 + [0.7, 0.93] + [0.999] * 5, 0.0, 0.05)
+    assert worse == {"spam": 0.931, "unsure": 0.701}
+    for value in worse.values():
+        assert round(value, 3) == value
 
 
 def test_roc_auc():

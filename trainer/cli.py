@@ -120,6 +120,13 @@ def _paths(values: tuple[str, ...]) -> list[Path]:
     help="Your spam: maildir, mbox or folder of .eml files (repeatable).",
 )
 @click.option(
+    "--email-corpus",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A public-corpus-style directory: folders named *ham* are ham, spam* are spam "
+    "(e.g. SpamAssassin's easy_ham, hard_ham, spam). Repeatable; split 70/10/20 stratified.",
+)
+@click.option(
     "--weights",
     default="random",
     show_default=True,
@@ -133,7 +140,14 @@ def _paths(values: tuple[str, ...]) -> list[Path]:
     help="Defaults to start from [random for --weights random, else reference].",
 )
 @click.option("--trainable", type=click.Choice(TRAINABLE), help="Parameters to train.")
-@click.option("--epochs", type=click.IntRange(min=1))
+@click.option(
+    "--epochs", type=click.IntRange(min=1), help="Passes over the training data (overrides --steps)."
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    help="Optimizer steps; epochs = steps / (training messages / batch size), rounded up.",
+)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate (AdamW).")
 @click.option("--weight-decay", type=click.FloatRange(min=0))
 @click.option("--batch-size", type=click.IntRange(min=1))
@@ -185,6 +199,14 @@ def _paths(values: tuple[str, ...]) -> list[Path]:
     show_default=True,
     help="Looser false-positive rate that starts the unsure band.",
 )
+@click.option(
+    "--cv-folds",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="When validation holds too few ham to measure --max-fpr (under 1/max-fpr), count the "
+    "thresholds on this many cross-validation folds of train + validation instead (0 = never).",
+)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option(
     "--precision",
@@ -200,8 +222,8 @@ def train(**options) -> None:
 
     \b
     Options shown without a default come from the recipe:
-      random     (for --weights random): gpt-micro, all parameters, 40 epochs, AdamW lr 1e-3,
-                 wd 0.1, batch 8, 5 % warm-up then cosine, dropout 0.1
+      random     (for --weights random): gpt-micro, all parameters, 5,200 steps, AdamW lr
+                 1e-3, wd 0.1, batch 8, 5 % warm-up then cosine, dropout 0.1
       reference  (for pretrained weights): last block + final norm + head, 5 epochs,
                  AdamW lr 5e-5, wd 0.1, batch 8, constant lr, no dropout
     """
@@ -219,6 +241,8 @@ def train(**options) -> None:
     set_by_user = {name: value for name, value in knobs.items() if value is not None}
     if options["weights"] == "random":
         recipe = {**recipe, "trainable": "all"}  # random weights have nothing worth freezing
+    if options["epochs"] is not None and options["steps"] is None:
+        recipe = {**recipe, "steps": None}  # an explicit --epochs replaces the recipe's step budget
     config = TrainConfig(**{**recipe, **set_by_user})
     if config.weights != "random" and options["arch"]:
         raise click.UsageError(
@@ -235,6 +259,7 @@ def train(**options) -> None:
         test_csv=options["test_csv"],
         ham=_paths(options["ham"]),
         spam=_paths(options["spam"]),
+        email_corpus=list(options["email_corpus"]),
     )
     card = _friendly_errors(
         lambda: run_training(
@@ -245,6 +270,7 @@ def train(**options) -> None:
             max_fpr=options["max_fpr"],
             unsure_fpr=options["unsure_fpr"],
             progress=options["progress"],
+            cv_folds=options["cv_folds"],
         )
     )
     _print_summary(card, options["out"])
@@ -254,12 +280,27 @@ def _print_summary(card: dict, out: Path) -> None:
     seconds = card["training"]["train_seconds"]
     click.echo(f"\nmodel {card['name']} written to {out} (trained in {seconds:.0f} s)")
     thresholds = card["thresholds"]
-    click.echo(f"thresholds: spam >= {thresholds['spam']:.4f}, unsure >= {thresholds['unsure']:.4f}")
+    click.echo(
+        f"thresholds: spam >= {thresholds['spam']:.3f}, unsure >= {thresholds['unsure']:.3f} "
+        f"(temperature {card['temperature']:.3f}, epoch {card['calibration']['selected_epoch']} kept)"
+    )
+    choice = card["threshold_choice"]
+    click.echo(
+        f"thresholds counted on {choice['chosen_on']}: {choice['messages']} messages, {choice['ham']} ham"
+    )
     click.echo("at the spam threshold (what the filter does):")
     for split, metrics in card["metrics"].items():
-        click.echo(f"  {split:<10} {_metrics_line(metrics)}")
+        click.echo(f"  {split:<10} {_metrics_line(metrics)}  {_calibration_line(metrics)}")
+    for kind, per_split in card["metrics_by_source"].items():
+        test = per_split.get("test")
+        if test:
+            click.echo(f"  test {kind:<5} {_metrics_line(test)}  {_calibration_line(test)}")
     argmax = ", ".join(f"{split} {m['accuracy']:.2%}" for split, m in card["metrics_argmax"].items())
     click.echo(f"accuracy at P(spam) >= 0.5 (the reference's measure): {argmax}")
+
+
+def _calibration_line(metrics: dict) -> str:
+    return f"unsure {metrics['unsure_share']:.1%}  ECE {metrics['ece']:.4f}  Brier {metrics['brier']:.4f}"
 
 
 def _metrics_line(metrics: dict) -> str:
@@ -304,8 +345,8 @@ def evaluate(model: Path, test_csv, ham, spam, as_json: bool, device: str, threa
         json.dump(result, sys.stdout)
         click.echo()
         return
-    click.echo(f"model {result['model']} on {result['device']}, spam threshold {result['threshold']:.4f}")
-    click.echo(f"  {_metrics_line(result)}")
+    click.echo(f"model {result['model']} on {result['device']}, spam threshold {result['threshold']:.3f}")
+    click.echo(f"  {_metrics_line(result)}  ECE {result['ece']:.4f}  Brier {result['brier']:.4f}")
     confusion = result["confusion"]
     click.echo(
         f"  confusion: {confusion['tn']} ham kept, {confusion['fp']} ham flagged, "

@@ -10,6 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from spamfilterd.classifier import SpamClassifier
+from spamfilterd.rules import verdict_for
+from spamfilterd.scores import score_on_grid, threshold_on_grid
+from trainer.calibration import brier_score, expected_calibration_error
 from trainer.data import read_labelled_csv, read_mail
 from trainer.errors import DataError
 from trainer.metrics import classification_metrics
@@ -32,17 +35,22 @@ def load_labelled(test_csv: Path | None, ham: list[Path], spam: list[Path]) -> p
 
 
 def evaluate(classifier: SpamClassifier, frame: pd.DataFrame) -> dict:
-    """accuracy, precision, recall, f1, fpr, n, messages_per_second (+ confusion, unsure count, model)."""
+    """accuracy, precision, recall, f1, fpr, n, ece, brier, messages_per_second (+ confusion, unsure
+    count, model), with the daemon's verdict rule at the card's thresholds."""
     texts, labels = list(frame["Text"]), [int(label) for label in frame["Label"]]
     started = time.perf_counter()
     scores = classifier.score(texts)
     seconds = time.perf_counter() - started
-    metrics = classification_metrics(labels, scores, classifier.spam_threshold)
-    unsure = sum(classifier.unsure_threshold <= score < classifier.spam_threshold for score in scores)
+    spam, unsure = (threshold_on_grid(t) for t in (classifier.spam_threshold, classifier.unsure_threshold))
+    verdicts = [verdict_for(score, spam, unsure) for score in scores]
+    # Scores on the printed grid, so the counts are exactly the verdicts the daemon would give.
+    metrics = classification_metrics(labels, [score_on_grid(score) for score in scores], spam)
     return {
         "model": classifier.model_id,
         **metrics,
-        "unsure": unsure,
+        "unsure": verdicts.count("unsure"),
+        "ece": expected_calibration_error(labels, scores),
+        "brier": brier_score(labels, scores),
         "messages_per_second": len(texts) / seconds if seconds > 0 else float("inf"),
         "device": str(classifier.device),
     }

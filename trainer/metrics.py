@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from spamfilterd.scores import score_on_grid
+
 DEFAULT_MAX_FPR = 0.005
 DEFAULT_UNSURE_FPR = 0.05
 
@@ -48,13 +50,19 @@ def classification_metrics(labels: Sequence[int], scores: Sequence[float], thres
 
 
 def threshold_for_fpr(labels: Sequence[int], scores: Sequence[float], max_fpr: float) -> float:
-    """The lowest threshold whose false-positive rate on these ham scores is at most `max_fpr`."""
+    """The lowest threshold on the printed 0.001 grid, from 0.5 up, whose counted false-positive
+    rate on these scores is at most `max_fpr`."""
     ham = np.sort(np.asarray(scores, dtype=float)[np.asarray(labels) == 0])[::-1]
     allowed = math.floor(max_fpr * len(ham) + 1e-9)
     if allowed >= len(ham):
-        return 0.0
-    # Just above the highest ham score that must not be flagged.
-    return float(min(np.nextafter(ham[allowed], np.inf), 1.0))
+        return 0.5
+    # One grid step above the highest ham score that must not be flagged.
+    return float(min(1.0, max(0.5, round(score_on_grid(ham[allowed]) + 0.001, 3))))
+
+
+def can_measure(labels: Sequence[int], max_fpr: float) -> bool:
+    """Whether these scores hold enough ham for one false positive to be within `max_fpr`."""
+    return max_fpr > 0 and int((np.asarray(labels) == 0).sum()) * max_fpr >= 1
 
 
 def choose_thresholds(
@@ -63,16 +71,16 @@ def choose_thresholds(
     max_fpr: float = DEFAULT_MAX_FPR,
     unsure_fpr: float = DEFAULT_UNSURE_FPR,
 ) -> dict[str, float]:
-    """{"spam", "unsure"} from validation scores.
+    """{"spam", "unsure"} on the printed grid, from scored ham and spam the model did not train on.
 
-    The spam threshold never drops below 0.5: a small validation set can make a lower one look safe,
-    and the threshold should only ever make the filter more careful than the model's own argmax. The
-    unsure threshold meets the looser `unsure_fpr`, stays at or below the spam threshold and at or
-    above half of it, so the band neither vanishes nor swallows ordinary mail.
+    The spam threshold never drops below 0.5: it should only ever make the filter more careful than
+    the model's own argmax. The unsure threshold meets the looser `unsure_fpr` and stays between
+    half the spam threshold and the spam threshold, so the band holds what the model is unsure of
+    without swallowing ordinary mail.
     """
-    spam = max(0.5, threshold_for_fpr(labels, scores, max_fpr))
+    spam = threshold_for_fpr(labels, scores, max_fpr)
     unsure = threshold_for_fpr(labels, scores, unsure_fpr)
-    return {"spam": spam, "unsure": min(spam, max(unsure, spam / 2))}
+    return {"spam": spam, "unsure": float(np.round(min(spam, max(unsure, spam / 2)), 3))}
 
 
 def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray, float]:

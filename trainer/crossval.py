@@ -1,0 +1,48 @@
+"""Scores for choosing thresholds when the validation split is too small to measure them.
+
+A 0.5 % false-positive rate cannot be seen on the 75 validation ham of the reference split: one
+ham is already 1.3 %. The threshold would then sit just above the single highest-scoring
+validation ham, wherever that outlier fell. K-fold cross-validation over train + validation
+scores every one of those messages with a model that did not train on it (about 600 ham for the
+reference split), and the threshold is counted on those scores instead.
+"""
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from trainer.data import Splits
+from trainer.train import TrainConfig, score_texts, train
+
+FOLDS = 5
+
+
+def cross_validated_scores(
+    splits: Splits, config: TrainConfig, folds: int = FOLDS, progress: bool = True
+) -> tuple[list[int], list[float]]:
+    """(labels, calibrated P(spam)) of every train + validation message, each from the fold model
+    that held it out; each fold model keeps its epoch and temperature on its held-out fold."""
+    pool = pd.concat([splits.train, splits.validation]).reset_index(drop=True)
+    truth = pool["Label"].astype(int).to_numpy()
+    rng = np.random.default_rng(config.seed)
+    fold_of = np.empty(len(pool), dtype=int)
+    for label in (0, 1):  # stratified: every fold gets its share of ham and of spam
+        rows = np.flatnonzero(truth == label)
+        rng.shuffle(rows)
+        fold_of[rows] = np.arange(len(rows)) % folds
+    labels: list[int] = []
+    scores: list[float] = []
+    for fold in range(folds):
+        tqdm.write(f"cross-validation for the thresholds: fold {fold + 1} of {folds}")
+        held_out, rest = pool[fold_of == fold], pool[fold_of != fold]
+        result = train(Splits(rest, held_out, held_out.iloc[:0]), config, progress=progress)
+        labels += [int(label) for label in held_out["Label"]]
+        scores += score_texts(
+            result.model,
+            list(held_out["Text"]),
+            result.max_tokens,
+            result.temperature,
+            result.device,
+            result.precision,
+        )
+    return labels, scores
