@@ -238,3 +238,12 @@ def test_check_config_prints_effective_config_without_torch(tmp_path, tiny_check
     assert effective["model"]["checkpoint"] == str(tiny_checkpoint.resolve())
     assert [rule["name"] for rule in effective["rules"]] == ["postmaster", "spam", "unsure"]
     assert effective["smtp"]["listen"] == "127.0.0.1:10025"
+
+
+def test_check_config_refuses_a_nan_timeout_with_exit_78(tmp_path, tiny_checkpoint):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model:\n  checkpoint: {tiny_checkpoint}\nsmtp:\n  data_timeout: .nan\n")
+    run = _run(["check-config", "--config", str(config)], tmp_path)
+    assert run.returncode == 78
+    assert f"{config}: smtp.data_timeout: expected a finite number, got nan".encode() in run.stderr
+    assert run.stdout == b""
