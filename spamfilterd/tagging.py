@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 
+from spamfilterd.message import is_mbox_from_line
 from spamfilterd.rules import Decision
 
 FLAG = "X-Spam-Flag"
@@ -68,7 +69,7 @@ def _split(raw: bytes, bare_text: bool, strip: set[str]) -> _Split:
         return _Split(b"", [], raw, newline)
     lead = b""
     pos = 0
-    if raw.startswith(b"From "):
+    if is_mbox_from_line(raw[: first_end + 1] if first_end >= 0 else raw):
         lead = raw[: first_end + 1] if first_end >= 0 else raw + newline
         lead = b"" if _BARE_CR.search(lead) else lead  # else it would hide a header behind the CR
         pos = len(lead)

@@ -69,6 +69,14 @@ def test_mbox_from_line_stays_first():
     assert out == b"From alice@example.com Thu Nov 26 10:00:00 2026\nX-Spam-Flag: NO\nSubject: hi\n\nbody\n"
 
 
+def test_a_first_line_starting_with_from_is_kept_in_place_only_if_it_is_an_mbox_line():
+    chat = b"From tomorrow onwards eve 6 to 3 work.\nSubject: x\n\nbody\n"
+    assert rewrite_headers(chat, [("X-A", "1")]) == b"X-A: 1\n\n" + chat
+    from_line = b"From - Thu Nov 26 10:00:00 2026\n"
+    mbox = from_line + b"Subject: x\n\nbody\n"
+    assert rewrite_headers(mbox, [("X-A", "1")]) == from_line + b"X-A: 1\nSubject: x\n\nbody\n"
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
