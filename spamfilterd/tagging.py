@@ -117,15 +117,16 @@ def _prefixed_subject(field: bytes, prefix: str) -> bytes:
 
 
 def _clean(value: str) -> str:
-    """Header values we write come from config and model cards: never let them inject lines."""
-    return re.sub(r"[\x00-\x1f\x7f]+", " ", value).strip()[:900]
+    """Header values we write come from config, model cards and envelopes: never let them inject lines."""
+    return re.sub(r"[\x00-\x1f\x7f]+", " ", value).strip()
 
 
 def _header_line(name: str, value: str, newline: bytes) -> bytes:
-    """Status headers stay on one line (under 998 bytes) so grep and procmail see them whole;
-    the recipient list, which grows with the envelope, is folded at 78 columns (RFC 5322 2.2.3)."""
+    """Status headers stay on one line (cut under 998 bytes) so grep and procmail see them whole;
+    the recipient list, which grows with the envelope, is folded at 78 columns (RFC 5322 2.2.3),
+    never cut: every original recipient must survive a redirect."""
     if name.lower() != ORIGINAL_RECIPIENTS.lower():
-        return f"{name}: {value}".encode() + newline
+        return f"{name}: {value[:900]}".encode() + newline
     out = f"{name}:"
     width = len(out)
     for word in value.split(" "):

@@ -176,6 +176,16 @@ def test_header_values_cannot_inject_lines_and_recipient_lists_fold():
     assert parsed["X-Spam-Original-Recipients"].replace("\r\n", "") == ", ".join(recipients)
 
 
+def test_sixty_recipients_are_all_kept_in_the_folded_header():
+    """The list was cut at 900 characters: 24 of 60 recipients survived a redirect."""
+    recipients = tuple(f"recipient-number-{i:02d}@department.example.com" for i in range(60))
+    out = rewrite_headers(b"Subject: x\r\n\r\nb", [original_recipients_header(recipients)])
+    head = out.split(b"\r\n\r\n")[0]
+    assert all(len(line) <= 78 for line in head.split(b"\r\n"))
+    value = _headers(out)["X-Spam-Original-Recipients"].replace("\r\n", "")
+    assert value.split(", ") == list(recipients)
+
+
 def test_status_header_stays_on_one_line():
     status = "Yes, score=0.987 required=0.500 verdict=spam rule=a-rather-long-rule-name model=" + "m" * 60
     out = rewrite_headers(b"Subject: x\n\nb", [("X-Spam-Status", status)])
