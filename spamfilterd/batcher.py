@@ -4,6 +4,9 @@ A forward pass over a batch of 8 costs little more than over one message, so und
 proxy waits up to `batch_wait_ms` for companions (or until `batch_size` are queued) and hands
 the whole batch to `engine.check_many` on a small, bounded thread pool. The event loop keeps
 serving SMTP meanwhile; each caller waits at most `timeout` seconds for its own result.
+
+The `unchecked` header rewrite after a classifier failure runs on a pool of its own, so a stuck
+or slow model (or anything else queued on asyncio's default executor) never holds it up.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Batcher:
         self._timeout = timeout
         self._on_batch = on_batch
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="classify")
+        self._direct = ThreadPoolExecutor(max_workers=1, thread_name_prefix="no-model")
         self._pending: list[_Pending] = []
         self._timer: asyncio.TimerHandle | None = None
 
@@ -69,10 +73,15 @@ class Batcher:
         finally:
             item.future.cancel()  # no-op when answered; else the batch's late result is dropped
 
+    async def unchecked(self, raw: bytes) -> bytes:
+        """`engine.unchecked(raw)` off the event loop, on the pool the model never occupies."""
+        return await asyncio.get_running_loop().run_in_executor(self._direct, self.engine.unchecked, raw)
+
     def close(self) -> None:
         """Let queued batches finish in the background; take no new ones."""
         self._flush()
         self._pool.shutdown(wait=False)
+        self._direct.shutdown(wait=False)
 
     def _flush(self) -> None:
         if self._timer is not None:

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spamfilterd import tagging
 from spamfilterd.rules import Decision
 from spamfilterd.tagging import decoded_subject, original_recipients_header, rewrite_headers, status_headers
 
@@ -184,6 +185,24 @@ def test_sixty_recipients_are_all_kept_in_the_folded_header():
     assert all(len(line) <= 78 for line in head.split(b"\r\n"))
     value = _headers(out)["X-Spam-Original-Recipients"].replace("\r\n", "")
     assert value.split(", ") == list(recipients)
+
+
+def test_header_scan_stops_at_the_cap_and_leaves_the_rest_in_place_as_body():
+    """Bounded work whatever the header: past tagging.MAX_HEADER_BYTES nothing is parsed, the remaining
+    lines stay in place behind a blank line, so no parser reads a forged flag there as a header."""
+    cap = tagging.MAX_HEADER_BYTES
+    filler = b"X-Filler: 0123456789\r\n" * (cap // 22 + 1)
+    inside, beyond = filler[: filler.rfind(b"\r\n", 0, cap) + 2], filler[len(filler) // 2 :]
+    raw = inside + beyond + b"X-Spam-Flag: NO\r\nSubject: late\r\n\r\n" + BODY
+    out = rewrite_headers(raw, [("X-Spam-Flag", "YES")], subject_prefix="[SPAM] ")
+    assert out == b"X-Spam-Flag: YES\r\nSubject: [SPAM]\r\n" + inside + b"\r\n" + raw[len(inside) :]
+    assert _headers(out).get_all("X-Spam-Flag") == ["YES"]
+
+
+def test_a_forged_field_folded_over_many_lines_goes_whole():
+    folded = b"X-Spam-Status: No, forged\n" + b" y\n" * 20_000 + b"\t\r\n z"
+    out = rewrite_headers(b"Subject: s\n" + folded + b"\nTo: b@c.d\n\nbody\n", [("X-Spam-Flag", "YES")])
+    assert out == b"X-Spam-Flag: YES\nSubject: s\nTo: b@c.d\n\nbody\n"
 
 
 def test_status_header_stays_on_one_line():

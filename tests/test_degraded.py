@@ -1,0 +1,100 @@
+"""The proxy with a model that hangs or fails.
+
+A real proxy relays to a real sink on 127.0.0.1; only the model is replaced, by one that can be
+told to hang or to raise, which is the fault under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pytest
+import yaml
+
+from spamfilterd.config import load_config
+from spamfilterd.engine import FilterEngine
+from spamfilterd.http import Metrics
+from spamfilterd.smtp import SmtpProxy, build_runtime
+from tests.test_smtp import BODY, LoopThread, Sink, make_message, split
+
+
+class FaultyModel:
+    """Stands in for SpamClassifier: scores 0.1 (ham), or hangs, or raises, as the test says."""
+
+    model_id = "faulty-test"
+    spam_threshold = 0.5
+    unsure_threshold = 0.3
+
+    def __init__(self) -> None:
+        self.mode = "ok"  # ok | hang | fail
+        self.hanging = threading.Event()  # set once a call hangs
+        self.release = threading.Event()  # set to let hanging calls return
+
+    def score(self, texts: list[str]) -> list[float]:
+        if self.mode == "hang":
+            self.hanging.set()
+            self.release.wait()
+        if self.mode == "fail":
+            raise RuntimeError("model exploded")
+        return [0.1] * len(texts)
+
+
+@dataclass
+class Rig:
+    lt: LoopThread
+    sink: Sink
+    model: FaultyModel
+    proxy: SmtpProxy
+    port: int
+
+    def send(self, message: bytes) -> dict:
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as conn:
+            return conn.sendmail("alice@example.org", ["bob@example.net"], message)
+
+
+@pytest.fixture
+def rig(tmp_path, tiny_checkpoint, request):
+    """`@pytest.mark.parametrize('rig', [{smtp options}], indirect=True)` sets smtp: keys."""
+    lt = LoopThread()
+    sink = Sink(lt).start()
+    model = FaultyModel()
+    smtp = {"downstream": f"127.0.0.1:{sink.port}", "downstream_timeout": 5, **getattr(request, "param", {})}
+    data = {"model": {"checkpoint": str(tiny_checkpoint)}, "smtp": smtp}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    config = load_config(tmp_path / "config.yaml")
+    metrics = Metrics()
+    runtime = build_runtime(config, metrics, FilterEngine(config, model))
+    proxy = SmtpProxy(runtime, metrics, hostname="proxy.test")
+    _, port = lt.run(proxy.start("127.0.0.1", 0))
+    yield Rig(lt, sink, model, proxy, port)
+    model.release.set()
+    lt.run(proxy.shutdown(grace=2))
+    proxy.runtime.batcher.close()
+    sink.stop()
+    lt.close()
+
+
+@pytest.mark.parametrize("rig", [{"classify_timeout": 1, "data_timeout": 5}], indirect=True)
+def test_unchecked_fallback_does_not_queue_on_the_shared_default_executor(rig):
+    """The fallback rewrite ran on asyncio's default executor: when that was saturated, the
+    message missed its deadline and got 451 instead of going out `unchecked`."""
+    rig.model.mode = "fail"
+    blocker = threading.Event()
+
+    async def saturate() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        loop.run_in_executor(None, blocker.wait)
+
+    rig.lt.run(saturate())
+    try:
+        assert rig.send(make_message("fallback")) == {}
+    finally:
+        blocker.set()
+    (got,) = rig.sink.received
+    head, body = split(got.content)
+    assert b"X-Spam-Status: unchecked\r\n" in head and body == BODY
