@@ -5,8 +5,8 @@ proxy waits up to `batch_wait_ms` for companions (or until `batch_size` are queu
 the whole batch to `engine.check_many` on a small, bounded thread pool. The event loop keeps
 serving SMTP meanwhile; each caller waits at most `timeout` seconds for its own result.
 
-The `unchecked` header rewrite after a classifier failure runs on a pool of its own, so a stuck
-or slow model (or anything else queued on asyncio's default executor) never holds it up.
+Work that needs no model — a GTUBE test message, the `unchecked` header rewrite after a
+classifier failure — runs on a pool of its own, so a stuck or slow model never holds it up.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from spamfilterd.engine import GTUBE
 
 if TYPE_CHECKING:
     from spamfilterd.engine import CheckResult, FilterEngine
@@ -59,6 +61,21 @@ class Batcher:
     async def check(self, raw: bytes, envelope: Envelope) -> CheckResult:
         """Classify one message with whatever else is queued; ClassifierError on failure or timeout."""
         loop = asyncio.get_running_loop()
+        if GTUBE in raw:  # decided before and without the model: a stuck model never lets it through
+            work = loop.run_in_executor(self._direct, self.engine.check_many, [raw], [envelope])
+            try:
+                async with asyncio.timeout(self._timeout):
+                    return (await work)[0]
+            except TimeoutError as exc:
+                raise ClassifierError(f"GTUBE check did not finish within {self._timeout:g} s") from exc
+        return await self._batched(raw, envelope)
+
+    async def unchecked(self, raw: bytes) -> bytes:
+        """`engine.unchecked(raw)` off the event loop, on the pool the model never occupies."""
+        return await asyncio.get_running_loop().run_in_executor(self._direct, self.engine.unchecked, raw)
+
+    async def _batched(self, raw: bytes, envelope: Envelope) -> CheckResult:
+        loop = asyncio.get_running_loop()
         item = _Pending(raw, envelope, loop.create_future())
         self._pending.append(item)
         if len(self._pending) >= self._batch_size:
@@ -72,10 +89,6 @@ class Batcher:
             raise ClassifierError(f"classifier did not answer within {self._timeout:g} s") from exc
         finally:
             item.future.cancel()  # no-op when answered; else the batch's late result is dropped
-
-    async def unchecked(self, raw: bytes) -> bytes:
-        """`engine.unchecked(raw)` off the event loop, on the pool the model never occupies."""
-        return await asyncio.get_running_loop().run_in_executor(self._direct, self.engine.unchecked, raw)
 
     def close(self) -> None:
         """Let queued batches finish in the background; take no new ones."""

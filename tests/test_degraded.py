@@ -1,4 +1,4 @@
-"""The proxy with a model that hangs or fails.
+"""The proxy with a model that hangs or fails: GTUBE and the `unchecked` fallback.
 
 A real proxy relays to a real sink on 127.0.0.1; only the model is replaced, by one that can be
 told to hang or to raise, which is the fault under test.
@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from spamfilterd.config import load_config
-from spamfilterd.engine import FilterEngine
+from spamfilterd.engine import GTUBE, FilterEngine
 from spamfilterd.http import Metrics
 from spamfilterd.smtp import SmtpProxy, build_runtime
 from tests.test_smtp import BODY, LoopThread, Sink, make_message, split
@@ -76,6 +76,20 @@ def rig(tmp_path, tiny_checkpoint, request):
     proxy.runtime.batcher.close()
     sink.stop()
     lt.close()
+
+
+@pytest.mark.parametrize("rig", [{"classify_timeout": 1, "data_timeout": 20}], indirect=True)
+def test_gtube_is_decided_before_the_model_so_a_hung_model_cannot_pass_it_unchecked(rig):
+    rig.model.mode = "hang"
+    first = threading.Thread(target=rig.send, args=(make_message("stuck"),))
+    first.start()
+    assert rig.model.hanging.wait(10)  # the only model worker is now busy for good
+    assert rig.send(make_message("gtube", body=b"test\r\n" + GTUBE + b"\r\n")) == {}
+    first.join(30)
+    heads = {b"<gtube@" in r.content: split(r.content)[0] for r in rig.sink.received}
+    assert b"X-Spam-Flag: YES\r\n" in heads[True]
+    assert b" tests=GTUBE\r\n" in heads[True] and b"unchecked" not in heads[True]
+    assert b"X-Spam-Status: unchecked\r\n" in heads[False]
 
 
 @pytest.mark.parametrize("rig", [{"classify_timeout": 1, "data_timeout": 5}], indirect=True)
