@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from spamfilterd.engine import GTUBE
+from spamfilterd.rules import Envelope
 
 if TYPE_CHECKING:
     from spamfilterd.engine import CheckResult, FilterEngine
-    from spamfilterd.rules import Envelope
+
+# What a readiness probe asks the model while the last message could not be classified.
+_PROBE = b"Subject: spamfilterd readiness probe\r\n\r\nIs the model answering?\r\n"
 
 
 class ClassifierError(Exception):
@@ -57,6 +60,8 @@ class Batcher:
         self._direct = ThreadPoolExecutor(max_workers=1, thread_name_prefix="no-model")
         self._pending: list[_Pending] = []
         self._timer: asyncio.TimerHandle | None = None
+        self.model_failing = False  # the last message the model was asked about got no answer
+        self._probe: asyncio.Future | None = None
 
     async def check(self, raw: bytes, envelope: Envelope) -> CheckResult:
         """Classify one message with whatever else is queued; ClassifierError on failure or timeout."""
@@ -68,11 +73,32 @@ class Batcher:
                     return (await work)[0]
             except TimeoutError as exc:
                 raise ClassifierError(f"GTUBE check did not finish within {self._timeout:g} s") from exc
-        return await self._batched(raw, envelope)
+        try:
+            result = await self._batched(raw, envelope)
+        except ClassifierError:
+            self.model_failing = True
+            raise
+        self.model_failing = False
+        return result
 
     async def unchecked(self, raw: bytes) -> bytes:
         """`engine.unchecked(raw)` off the event loop, on the pool the model never occupies."""
         return await asyncio.get_running_loop().run_in_executor(self._direct, self.engine.unchecked, raw)
+
+    async def model_ready(self, timeout: float) -> bool:
+        """True unless the model failed on the last message and does not answer a probe within
+        `timeout` s now; one probe at a time, so a hung model does not collect a queue of them."""
+        if not self.model_failing:
+            return True
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self.check(_PROBE, Envelope()))
+            self._probe.add_done_callback(_retrieve)
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._probe)
+        except (TimeoutError, ClassifierError):
+            return False
+        return True
 
     async def _batched(self, raw: bytes, envelope: Envelope) -> CheckResult:
         loop = asyncio.get_running_loop()
@@ -115,6 +141,12 @@ class Batcher:
             work = loop.create_future()
             work.set_exception(exc)
         work.add_done_callback(lambda done: _deliver(batch, done))
+
+
+def _retrieve(probe: asyncio.Future) -> None:
+    """A probe's failure is answered by `model_ready`; fetch it so asyncio does not log it too."""
+    if not probe.cancelled():
+        probe.exception()
 
 
 def _deliver(batch: list[_Pending], done: asyncio.Future) -> None:

@@ -29,6 +29,7 @@ from spamfilterd.config import (
     split_host_port,
 )
 from spamfilterd.http import HealthServer, Metrics
+from spamfilterd.readiness import not_ready_reason
 from spamfilterd.smtp import Runtime, SmtpProxy, build_runtime
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class Daemon:
         self.model_path = model_path
         self.metrics = metrics
         self.proxy = SmtpProxy(runtime, metrics)
-        self.health = HealthServer(metrics)
+        self.health = HealthServer(metrics, readiness=lambda: not_ready_reason(self.proxy))
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()

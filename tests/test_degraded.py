@@ -1,4 +1,4 @@
-"""The proxy with a model that hangs or fails: GTUBE and the `unchecked` fallback.
+"""The proxy with a model that hangs or fails: GTUBE, the `unchecked` fallback, readiness.
 
 A real proxy relays to a real sink on 127.0.0.1; only the model is replaced, by one that can be
 told to hang or to raise, which is the fault under test.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import threading
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -17,7 +19,7 @@ import yaml
 
 from spamfilterd.config import load_config
 from spamfilterd.engine import GTUBE, FilterEngine
-from spamfilterd.http import Metrics
+from spamfilterd.http import HealthServer, Metrics
 from spamfilterd.smtp import SmtpProxy, build_runtime
 from tests.test_smtp import BODY, LoopThread, Sink, make_message, split
 
@@ -112,3 +114,39 @@ def test_unchecked_fallback_does_not_queue_on_the_shared_default_executor(rig):
     (got,) = rig.sink.received
     head, body = split(got.content)
     assert b"X-Spam-Status: unchecked\r\n" in head and body == BODY
+
+
+def _readyz(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+@pytest.mark.parametrize("rig", [{"classify_timeout": 1}], indirect=True)
+def test_readyz_is_ready_only_while_downstream_answers_and_the_model_classifies(rig):
+    from spamfilterd.readiness import not_ready_reason
+
+    health = HealthServer(rig.proxy.metrics, readiness=lambda: not_ready_reason(rig.proxy))
+    host, port = rig.lt.run(health.start("127.0.0.1", 0))
+    url = f"http://{host}:{port}/readyz"
+    rig.proxy.metrics.ready = True
+    try:
+        assert _readyz(url) == (200, "ready\n")
+
+        rig.sink.stop()
+        status, text = _readyz(url)
+        assert status == 503
+        assert text.startswith(f"not ready: downstream 127.0.0.1:{rig.sink.port} unavailable")
+        rig.sink.start()
+        assert _readyz(url) == (200, "ready\n")
+
+        rig.model.mode = "fail"
+        assert rig.send(make_message("unchecked")) == {}  # went out unchecked
+        status, text = _readyz(url)
+        assert status == 503 and "the model does not answer" in text
+        rig.model.mode = "ok"
+        assert _readyz(url) == (200, "ready\n")  # a probe found the model answering again
+    finally:
+        rig.lt.run(health.close())
