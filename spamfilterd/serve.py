@@ -224,4 +224,12 @@ def serve(config_path: Path | None, model_path: Path | None) -> None:
     except Exception as exc:  # damaged checkpoint, no GPU, out of memory: say what and where
         log.error("cannot load the model %s: %s", config.model.checkpoint, exc)
         sys.exit(EXIT_FAILURE)
-    sys.exit(asyncio.run(Daemon(config_path, model_path, runtime, metrics).run()))
+    daemon = Daemon(config_path, model_path, runtime, metrics)
+    code = asyncio.new_event_loop().run_until_complete(daemon.run())
+    # The drain in Daemon.run is bounded. A worker thread still busy in the model (or a reload)
+    # holds nothing to save; waiting for it, as interpreter exit and asyncio.run would, could take
+    # forever and break the promise to stop within data_timeout + 10 s.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

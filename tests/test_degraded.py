@@ -1,13 +1,17 @@
-"""The proxy with a model that hangs or fails: GTUBE, the `unchecked` fallback, readiness.
+"""The proxy with a model that hangs or fails: GTUBE, the `unchecked` fallback, readiness, SIGTERM.
 
 A real proxy relays to a real sink on 127.0.0.1; only the model is replaced, by one that can be
-told to hang or to raise, which is the fault under test.
+told to hang or to raise, which is the fault under test. The last test runs the real daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import smtplib
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -21,6 +25,7 @@ from spamfilterd.config import load_config
 from spamfilterd.engine import GTUBE, FilterEngine
 from spamfilterd.http import HealthServer, Metrics
 from spamfilterd.smtp import SmtpProxy, build_runtime
+from tests.test_serve import START_TIMEOUT, Notifications, free_port
 from tests.test_smtp import BODY, LoopThread, Sink, make_message, split
 
 
@@ -150,3 +155,58 @@ def test_readyz_is_ready_only_while_downstream_answers_and_the_model_classifies(
         assert _readyz(url) == (200, "ready\n")  # a probe found the model answering again
     finally:
         rig.lt.run(health.close())
+
+
+HANGING_DAEMON = """
+import threading
+from spamfilterd.classifier import SpamClassifier
+score = SpamClassifier.score
+def hang_on_request(self, texts):
+    if any("hang-the-model" in text for text in texts):
+        threading.Event().wait()  # a model call that never returns
+    return score(self, texts)
+SpamClassifier.score = hang_on_request
+from spamfilterd.cli import main
+main()
+"""
+
+
+def test_sigterm_exits_within_data_timeout_plus_10_s_while_a_worker_is_stuck(tiny_checkpoint, tmp_path):
+    lt = LoopThread()
+    sink = Sink(lt).start()
+    notify = Notifications(tmp_path / "notify")
+    smtp_port, data_timeout = free_port(), 2
+    config = tmp_path / "config.yaml"
+    data = {
+        "model": {"checkpoint": str(tiny_checkpoint), "device": "cpu", "threads": 1},
+        "smtp": {
+            "listen": f"127.0.0.1:{smtp_port}",
+            "downstream": f"127.0.0.1:{sink.port}",
+            "classify_timeout": 1,
+            "data_timeout": data_timeout,
+        },
+    }
+    config.write_text(yaml.safe_dump(data))
+    log = (tmp_path / "daemon.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HANGING_DAEMON, "serve", "--config", str(config)],
+        env={**os.environ, "NOTIFY_SOCKET": str(notify.path)},
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    try:
+        notify.wait_for("READY=1", START_TIMEOUT)
+        body = BODY + b"hang-the-model\r\n"
+        with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as conn:
+            assert conn.sendmail("alice@example.org", ["bob@example.net"], make_message("h", body)) == {}
+        assert b"X-Spam-Status: unchecked" in sink.received[-1].content  # a worker is now stuck
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(data_timeout + 10) == 0  # the README's promise; it used to hang for good
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        notify.sock.close()
+        sink.stop()
+        lt.close()
