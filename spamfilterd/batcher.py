@@ -117,10 +117,10 @@ class Batcher:
             item.future.cancel()  # no-op when answered; else the batch's late result is dropped
 
     def close(self) -> None:
-        """Let queued batches finish in the background; take no new ones."""
+        """Let queued batches finish in the background; take no new ones. The model-free pool stays
+        open for messages still finishing here (their `unchecked` rewrite) and ends with the batcher."""
         self._flush()
         self._pool.shutdown(wait=False)
-        self._direct.shutdown(wait=False)
 
     def _flush(self) -> None:
         if self._timer is not None:

@@ -99,6 +99,19 @@ def test_gtube_is_decided_before_the_model_so_a_hung_model_cannot_pass_it_unchec
     assert b"X-Spam-Status: unchecked\r\n" in heads[False]
 
 
+@pytest.mark.parametrize("rig", [{"classify_timeout": 1, "data_timeout": 20}], indirect=True)
+def test_a_message_whose_model_call_times_out_across_a_reload_still_goes_out_unchecked(rig):
+    rig.model.mode = "hang"
+    sending = threading.Thread(target=rig.send, args=(make_message("across-reload"),))
+    sending.start()
+    assert rig.model.hanging.wait(10)
+    old = rig.proxy.swap(rig.proxy.runtime)  # what a SIGHUP does: swap, then close the old batcher
+    old.batcher.close()
+    sending.join(30)
+    (got,) = rig.sink.received
+    assert b"X-Spam-Status: unchecked\r\n" in split(got.content)[0]
+
+
 @pytest.mark.parametrize("rig", [{"classify_timeout": 1, "data_timeout": 5}], indirect=True)
 def test_unchecked_fallback_does_not_queue_on_the_shared_default_executor(rig):
     """The fallback rewrite ran on asyncio's default executor: when that was saturated, the
