@@ -65,14 +65,8 @@ class Batcher:
 
     async def check(self, raw: bytes, envelope: Envelope) -> CheckResult:
         """Classify one message with whatever else is queued; ClassifierError on failure or timeout."""
-        loop = asyncio.get_running_loop()
         if GTUBE in raw:  # decided before and without the model: a stuck model never lets it through
-            work = loop.run_in_executor(self._direct, self.engine.check_many, [raw], [envelope])
-            try:
-                async with asyncio.timeout(self._timeout):
-                    return (await work)[0]
-            except TimeoutError as exc:
-                raise ClassifierError(f"GTUBE check did not finish within {self._timeout:g} s") from exc
+            return await self._gtube(raw, envelope)
         try:
             result = await self._batched(raw, envelope)
         except ClassifierError:
@@ -80,6 +74,19 @@ class Batcher:
             raise
         self.model_failing = False
         return result
+
+    async def _gtube(self, raw: bytes, envelope: Envelope) -> CheckResult:
+        """`engine.check_many` on the model-free pool: it makes no model call for a GTUBE message."""
+        work = asyncio.get_running_loop().run_in_executor(
+            self._direct, self.engine.check_many, [raw], [envelope]
+        )
+        try:
+            async with asyncio.timeout(self._timeout):
+                return (await work)[0]
+        except TimeoutError as exc:
+            raise ClassifierError(f"GTUBE check did not finish within {self._timeout:g} s") from exc
+        except Exception as exc:  # as for a batch: the proxy applies on_classifier_error
+            raise ClassifierError(f"GTUBE check failed: {exc!r}") from exc
 
     async def unchecked(self, raw: bytes) -> bytes:
         """`engine.unchecked(raw)` off the event loop, on the pool the model never occupies."""

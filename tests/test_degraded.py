@@ -99,6 +99,18 @@ def test_gtube_is_decided_before_the_model_so_a_hung_model_cannot_pass_it_unchec
     assert b"X-Spam-Status: unchecked\r\n" in heads[False]
 
 
+def test_a_failure_while_checking_a_gtube_message_is_a_classifier_error_not_a_500(rig):
+    engine = rig.proxy.runtime.engine
+
+    def broken(raws, envelopes):
+        raise RuntimeError("engine bug")
+
+    engine.check_many = broken
+    assert rig.send(make_message("gtube-broken", body=GTUBE + b"\r\n")) == {}
+    (got,) = rig.sink.received
+    assert b"X-Spam-Status: unchecked\r\n" in split(got.content)[0]
+
+
 @pytest.mark.parametrize("rig", [{"classify_timeout": 1, "data_timeout": 20}], indirect=True)
 def test_a_message_whose_model_call_times_out_across_a_reload_still_goes_out_unchecked(rig):
     rig.model.mode = "hang"
