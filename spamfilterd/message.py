@@ -49,11 +49,18 @@ _KNOWN_HEADERS = frozenset(
 _FIELD_LINE = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _HEADER_SCAN_BYTES = 65_536
 _HEADER_SCAN_LINES = 500
-# An mbox `From_` line: "From", the envelope sender, then an asctime() date, as mail spools, mutt,
-# Thunderbird ("From - ...") and git format-patch write it; the time zone may sit before the year.
+# An mbox `From_` line: "From", the envelope sender, then a date, as mail spools, mutt,
+# Thunderbird ("From - ...") and git format-patch write it: asctime() (the time zone may sit
+# before the year) or, from some exporters, an RFC 5322 date.
+_DAY = rb"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_MONTH = rb"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_TIME = rb"\d{1,2}:\d{2}(?::\d{2})?"
 _MBOX_FROM = re.compile(
-    rb"From \S+ +(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) +(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
-    rb" +\d{1,2} +\d{1,2}:\d{2}(?::\d{2})?(?: +[A-Z]{1,5}| +[+-]\d{4})? +\d{4}\b[^\r\n]*\r?\n?"
+    rb"From \S+ +(?:"
+    + (_DAY + rb" +" + _MONTH + rb" +\d{1,2} +" + _TIME + rb"(?: +[A-Z]{1,5}| +[+-]\d{4})? +\d{4}")
+    + rb"|"
+    + (_DAY + rb", +\d{1,2} +" + _MONTH + rb" +\d{4} +" + _TIME)
+    + rb")\b[^\r\n]*\r?\n?"
 )
 
 

@@ -74,6 +74,7 @@ def test_a_file_starting_with_from_but_no_from_line_is_one_message(tmp_path, tex
         b"From alice@example.org Thu Nov 26 10:00:00 2026 +0100",
         b"From bob Tue Jan  4 10:31 2000 remote from uucp",
         b"From carol@example.org Thu Nov 26 10:00:00 CET 2026\r",
+        b"From dave@example.org Thu, 26 Nov 2026 10:00:00 +0000",  # an RFC 5322 date
     ],
 )
 def test_mbox_from_line_variants_are_recognised(tmp_path, from_line):
