@@ -144,10 +144,12 @@ class HealthServer:
         if path == "/healthz":
             return 200, "text/plain; charset=utf-8", "ok\n"
         if path == "/readyz":
-            reason = await self._readiness() if self.metrics.ready and self._readiness else None
-            if self.metrics.ready and reason is None:
-                return 200, "text/plain; charset=utf-8", "ready\n"
-            return 503, "text/plain; charset=utf-8", f"not ready{f': {reason}' if reason else ''}\n"
+            if not self.metrics.ready:
+                return 503, "text/plain; charset=utf-8", "not ready\n"
+            reason = await self._readiness() if self._readiness else None
+            if reason:
+                return 503, "text/plain; charset=utf-8", f"not ready: {reason}\n"
+            return 200, "text/plain; charset=utf-8", "ready\n"
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render()
         return 404, "text/plain; charset=utf-8", "not found (try /healthz, /readyz, /metrics)\n"
