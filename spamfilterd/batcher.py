@@ -4,6 +4,9 @@ A forward pass over a batch of 8 costs little more than over one message, so und
 proxy waits up to `batch_wait_ms` for companions (or until `batch_size` are queued) and hands
 the whole batch to `engine.check_many` on a small, bounded thread pool. The event loop keeps
 serving SMTP meanwhile; each caller waits at most `timeout` seconds for its own result.
+
+Work that needs no model — a GTUBE test message, the `unchecked` header rewrite after a
+classifier failure — runs on a pool of its own, so a stuck or slow model never holds it up.
 """
 
 from __future__ import annotations
@@ -14,9 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from spamfilterd.engine import GTUBE
+from spamfilterd.rules import Envelope
+
 if TYPE_CHECKING:
     from spamfilterd.engine import CheckResult, FilterEngine
-    from spamfilterd.rules import Envelope
+
+# What a readiness probe asks the model while the last message could not be classified.
+_PROBE = b"Subject: spamfilterd readiness probe\r\n\r\nIs the model answering?\r\n"
 
 
 class ClassifierError(Exception):
@@ -49,11 +57,57 @@ class Batcher:
         self._timeout = timeout
         self._on_batch = on_batch
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="classify")
+        self._direct = ThreadPoolExecutor(max_workers=1, thread_name_prefix="no-model")
         self._pending: list[_Pending] = []
         self._timer: asyncio.TimerHandle | None = None
+        self.model_failing = False  # the last message the model was asked about got no answer
+        self._probe: asyncio.Future | None = None
 
     async def check(self, raw: bytes, envelope: Envelope) -> CheckResult:
         """Classify one message with whatever else is queued; ClassifierError on failure or timeout."""
+        if GTUBE in raw:  # decided before and without the model: a stuck model never lets it through
+            return await self._gtube(raw, envelope)
+        try:
+            result = await self._batched(raw, envelope)
+        except ClassifierError:
+            self.model_failing = True
+            raise
+        self.model_failing = False
+        return result
+
+    async def _gtube(self, raw: bytes, envelope: Envelope) -> CheckResult:
+        """`engine.check_many` on the model-free pool: it makes no model call for a GTUBE message."""
+        work = asyncio.get_running_loop().run_in_executor(
+            self._direct, self.engine.check_many, [raw], [envelope]
+        )
+        try:
+            async with asyncio.timeout(self._timeout):
+                return (await work)[0]
+        except TimeoutError as exc:
+            raise ClassifierError(f"GTUBE check did not finish within {self._timeout:g} s") from exc
+        except Exception as exc:  # as for a batch: the proxy applies on_classifier_error
+            raise ClassifierError(f"GTUBE check failed: {exc!r}") from exc
+
+    async def unchecked(self, raw: bytes) -> bytes:
+        """`engine.unchecked(raw)` off the event loop, on the pool the model never occupies."""
+        return await asyncio.get_running_loop().run_in_executor(self._direct, self.engine.unchecked, raw)
+
+    async def model_ready(self, timeout: float) -> bool:
+        """True unless the model failed on the last message and does not answer a probe within
+        `timeout` s now; one probe at a time, so a hung model does not collect a queue of them."""
+        if not self.model_failing:
+            return True
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self.check(_PROBE, Envelope()))
+            self._probe.add_done_callback(_retrieve)
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._probe)
+        except (TimeoutError, ClassifierError):
+            return False
+        return True
+
+    async def _batched(self, raw: bytes, envelope: Envelope) -> CheckResult:
         loop = asyncio.get_running_loop()
         item = _Pending(raw, envelope, loop.create_future())
         self._pending.append(item)
@@ -70,7 +124,8 @@ class Batcher:
             item.future.cancel()  # no-op when answered; else the batch's late result is dropped
 
     def close(self) -> None:
-        """Let queued batches finish in the background; take no new ones."""
+        """Let queued batches finish in the background; take no new ones. The model-free pool stays
+        open for messages still finishing here (their `unchecked` rewrite) and ends with the batcher."""
         self._flush()
         self._pool.shutdown(wait=False)
 
@@ -93,6 +148,12 @@ class Batcher:
             work = loop.create_future()
             work.set_exception(exc)
         work.add_done_callback(lambda done: _deliver(batch, done))
+
+
+def _retrieve(probe: asyncio.Future) -> None:
+    """A probe's failure is answered by `model_ready`; fetch it so asyncio does not log it too."""
+    if not probe.cancelled():
+        probe.exception()
 
 
 def _deliver(batch: list[_Pending], done: asyncio.Future) -> None:

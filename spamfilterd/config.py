@@ -8,6 +8,7 @@ module must not import torch: `check-config` runs on machines where loading a mo
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -243,6 +244,8 @@ class _Section:
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{self.key(name)}: expected a number, got {_kind(value)}")
+        if not math.isfinite(value):  # YAML's .nan and .inf: a timeout of nan drops every session
+            raise ConfigError(f"{self.key(name)}: expected a finite number, got {value}")
         if positive and value <= 0:
             raise ConfigError(f"{self.key(name)}: expected a number > 0, got {value}")
         return float(value)

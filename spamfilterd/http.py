@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -119,10 +120,14 @@ class Metrics:
 
 
 class HealthServer:
-    """A minimal HTTP/1.0-style server: one request per connection, GET and HEAD only."""
+    """A minimal HTTP/1.0-style server: one request per connection, GET and HEAD only.
 
-    def __init__(self, metrics: Metrics):
+    `readiness` returns None when ready, else the reason `/readyz` gives with its 503.
+    """
+
+    def __init__(self, metrics: Metrics, readiness: Callable[[], Awaitable[str | None]] | None = None):
         self.metrics = metrics
+        self._readiness = readiness
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -135,13 +140,16 @@ class HealthServer:
             self._server.close()
             await self._server.wait_closed()
 
-    def _respond(self, path: str) -> tuple[int, str, str]:
+    async def _respond(self, path: str) -> tuple[int, str, str]:
         if path == "/healthz":
             return 200, "text/plain; charset=utf-8", "ok\n"
         if path == "/readyz":
-            if self.metrics.ready:
-                return 200, "text/plain; charset=utf-8", "ready\n"
-            return 503, "text/plain; charset=utf-8", "not ready\n"
+            if not self.metrics.ready:
+                return 503, "text/plain; charset=utf-8", "not ready\n"
+            reason = await self._readiness() if self._readiness else None
+            if reason:
+                return 503, "text/plain; charset=utf-8", f"not ready: {reason}\n"
+            return 200, "text/plain; charset=utf-8", "ready\n"
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render()
         return 404, "text/plain; charset=utf-8", "not found (try /healthz, /readyz, /metrics)\n"
@@ -155,7 +163,7 @@ class HealthServer:
             method, _, rest = request.decode("latin-1").partition(" ")
             path = rest.split(" ", 1)[0].split("?", 1)[0]
             if method in ("GET", "HEAD"):
-                status, ctype, body = self._respond(path)
+                status, ctype, body = await self._respond(path)
             else:
                 status, ctype, body = 405, "text/plain; charset=utf-8", "method not allowed\n"
             payload = body.encode()

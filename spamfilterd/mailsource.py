@@ -12,6 +12,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from spamfilterd.message import is_mbox_from_line
+
 _WHAT_TO_PASS = "pass a message file, an mbox file, a maildir or a folder of message files"
 
 
@@ -22,7 +24,9 @@ class MailSourceError(Exception):
 def iter_messages(path: Path) -> Iterator[tuple[str, bytes]]:
     """Yield (name, raw bytes) for every message under `path`.
 
-    * a file whose first line starts with "From " is an mbox: names are "PATH#N" (N from 1);
+    * a file whose first line is an mbox `From_` line (sender and date, e.g. "From alice@example.org
+      Thu Nov 26 10:00:00 2026") is an mbox: names are "PATH#N" (N from 1); a text that merely
+      starts with "From " is one message;
     * any other file is one message: its name is the path;
     * a maildir (a folder with cur/ and new/) yields each file of new/ then cur/ as one message,
       skipping tmp/ (deliveries in progress) and dotfiles: names are the file paths;
@@ -43,7 +47,7 @@ def iter_messages(path: Path) -> Iterator[tuple[str, bytes]]:
 def _iter_file(path: Path) -> Iterator[tuple[str, bytes]]:
     try:
         with path.open("rb") as handle:
-            is_mbox = handle.read(5) == b"From "
+            is_mbox = is_mbox_from_line(handle.readline(1000))
         box = mailbox.mbox(path, create=False) if is_mbox else None
     except OSError as exc:
         raise _unreadable(path, exc) from exc

@@ -49,6 +49,19 @@ _KNOWN_HEADERS = frozenset(
 _FIELD_LINE = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _HEADER_SCAN_BYTES = 65_536
 _HEADER_SCAN_LINES = 500
+# An mbox `From_` line: "From", the envelope sender, then a date, as mail spools, mutt,
+# Thunderbird ("From - ...") and git format-patch write it: asctime() (the time zone may sit
+# before the year) or, from some exporters, an RFC 5322 date.
+_DAY = rb"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_MONTH = rb"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_TIME = rb"\d{1,2}:\d{2}(?::\d{2})?"
+_MBOX_FROM = re.compile(
+    rb"From \S+ +(?:"
+    + (_DAY + rb" +" + _MONTH + rb" +\d{1,2} +" + _TIME + rb"(?: +[A-Z]{1,5}| +[+-]\d{4})? +\d{4}")
+    + rb"|"
+    + (_DAY + rb", +\d{1,2} +" + _MONTH + rb" +\d{4} +" + _TIME)
+    + rb")\b[^\r\n]*\r?\n?"
+)
 
 
 @dataclass
@@ -78,6 +91,12 @@ def message_to_text(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> MessageTe
         subject, body = "", _decode_bytes(raw, None)
     text = f"{subject}\n\n{body}" if subject else body
     return MessageText(_finish(text, notes), subject, True, _dedupe(notes))
+
+
+def is_mbox_from_line(line: bytes) -> bool:
+    """True for a real mbox `From_` line (sender and date): a text that merely starts with
+    "From " ("From tomorrow onwards ...") is a message, not an mbox."""
+    return _MBOX_FROM.fullmatch(line[:1000]) is not None
 
 
 def looks_like_email(raw: bytes) -> bool:
@@ -113,7 +132,7 @@ def _header_fields(raw: bytes) -> list[tuple[str, bytes]] | None:
     that a text such as "Date: tomorrow?" or "Hi: how are you" stays a plain message.
     """
     lines = raw[:_HEADER_SCAN_BYTES].split(b"\n")[: _HEADER_SCAN_LINES + 1]
-    if lines and lines[0].startswith(b"From "):  # mbox envelope line
+    if lines and is_mbox_from_line(lines[0]):
         lines = lines[1:]
     fields: list[tuple[str, bytes]] = []
     blank_after = False

@@ -29,6 +29,7 @@ from spamfilterd.config import (
     split_host_port,
 )
 from spamfilterd.http import HealthServer, Metrics
+from spamfilterd.readiness import not_ready_reason
 from spamfilterd.smtp import Runtime, SmtpProxy, build_runtime
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class Daemon:
         self.model_path = model_path
         self.metrics = metrics
         self.proxy = SmtpProxy(runtime, metrics)
-        self.health = HealthServer(metrics)
+        self.health = HealthServer(metrics, readiness=lambda: not_ready_reason(self.proxy))
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
@@ -223,4 +224,12 @@ def serve(config_path: Path | None, model_path: Path | None) -> None:
     except Exception as exc:  # damaged checkpoint, no GPU, out of memory: say what and where
         log.error("cannot load the model %s: %s", config.model.checkpoint, exc)
         sys.exit(EXIT_FAILURE)
-    sys.exit(asyncio.run(Daemon(config_path, model_path, runtime, metrics).run()))
+    daemon = Daemon(config_path, model_path, runtime, metrics)
+    code = asyncio.new_event_loop().run_until_complete(daemon.run())
+    # The drain in Daemon.run is bounded. A worker thread still busy in the model (or a reload)
+    # holds nothing to save; waiting for it, as interpreter exit and asyncio.run would, could take
+    # forever and break the promise to stop within data_timeout + 10 s.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -243,7 +243,7 @@ class ProxyHandler:
             if runtime.config.smtp.on_classifier_error == "tempfail":
                 await self._abort()
                 return Outcome("unchecked", None, (), "-", "tempfailed", [CLASSIFIER_DOWN], "classifier")
-            message = await asyncio.to_thread(runtime.engine.unchecked, raw)
+            message = await runtime.batcher.unchecked(raw)
             outcome = Outcome("unchecked", None, ("accept",), "-", "delivered", [], "classifier")
             return await self._deliver(outcome, message, len(recipients))
         decision = result.decision

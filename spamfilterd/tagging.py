@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 
+from spamfilterd.message import is_mbox_from_line
 from spamfilterd.rules import Decision
 from spamfilterd.scores import score_text
 
@@ -29,6 +30,13 @@ _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]*):")
 # RFC 5322's obsolete blank before the colon: accepted only for our own names, to remove them.
 _OBS_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]+:")
 _BARE_CR = re.compile(rb"\r(?!\n)")
+# The continuation lines of a folded field (RFC 5322 2.2.3): each starts with a space or a tab.
+_CONTINUATIONS = re.compile(rb"(?:[ \t][^\n]*+(?:\n|\Z))*+")
+# Header bytes read at most, far above real mail (Postfix keeps 100 KiB of any one header): it
+# bounds the work per message; what follows is left in place, as the start of the body.
+MAX_HEADER_BYTES = 262_144
+# Enough of a Subject to see whether it already starts with the prefix (at most 50 characters).
+_SUBJECT_CHECK_CHARS = 1_000
 _FOLD_WIDTH = 78
 
 
@@ -40,15 +48,6 @@ class _Split:
     fields: list[bytes]  # each a whole field: first line plus continuation lines, with line endings
     rest: bytes  # the blank separator line and the body, or the body alone if the separator is missing
     newline: bytes
-
-
-def _lines(data: bytes):
-    start = 0
-    while start < len(data):
-        end = data.find(b"\n", start)
-        end = len(data) if end < 0 else end + 1
-        yield start, data[start:end]
-        start = end
 
 
 def _names(field: bytes) -> set[str]:
@@ -63,28 +62,34 @@ def _names(field: bytes) -> set[str]:
 
 
 def _split(raw: bytes, bare_text: bool, strip: set[str]) -> _Split:
+    """Linear in the input: each field is one slice, continuation lines are skipped in one regex
+    step, and at most MAX_HEADER_BYTES of header lines are read (the rest counts as body)."""
     first_end = raw.find(b"\n")
     newline = b"\r\n" if first_end > 0 and raw[first_end - 1 : first_end] == b"\r" else b"\n"
     if bare_text:
         return _Split(b"", [], raw, newline)
     lead = b""
-    pos = 0
-    if raw.startswith(b"From "):
+    if is_mbox_from_line(raw[: first_end + 1] if first_end >= 0 else raw):
         lead = raw[: first_end + 1] if first_end >= 0 else raw + newline
         lead = b"" if _BARE_CR.search(lead) else lead  # else it would hide a header behind the CR
-        pos = len(lead)
+    pos = len(lead)
+    limit = len(raw)
+    if limit - pos > MAX_HEADER_BYTES:  # stop at the last line end inside the cap
+        limit = raw.rfind(b"\n", pos, pos + MAX_HEADER_BYTES) + 1 or pos
     fields: list[bytes] = []
-    body_at = len(raw)
-    for offset, line in _lines(raw[pos:]):
-        obsolete = _OBS_FIELD.match(line)
-        if fields and line[:1] in (b" ", b"\t") and line.strip(b"\r\n"):
-            fields[-1] += line
-        elif _FIELD.match(line) or (obsolete and obsolete.group(1).decode("ascii").lower() in strip):
-            fields.append(line)
-        else:
-            body_at = pos + offset
+    while pos < limit:
+        line_end = raw.find(b"\n", pos, limit)
+        line_end = limit if line_end < 0 else line_end + 1
+        obsolete = _OBS_FIELD.match(raw, pos, line_end)
+        if not (
+            _FIELD.match(raw, pos, line_end)
+            or (obsolete and obsolete.group(1).decode("ascii").lower() in strip)
+        ):
             break
-    return _Split(lead, fields, raw[body_at:], newline)
+        end = _CONTINUATIONS.match(raw, line_end, limit).end()  # type: ignore[union-attr]
+        fields.append(raw[pos:end])
+        pos = end
+    return _Split(lead, fields, raw[pos:], newline)
 
 
 def _name(field: bytes) -> str:
@@ -107,7 +112,8 @@ def decoded_subject(raw_value: str) -> str:
 
 def _prefixed_subject(field: bytes, prefix: str) -> bytes:
     name, _, rest = field.partition(b":")
-    if decoded_subject(_unfold(field)).lower().startswith(prefix.strip().lower()):
+    start = decoded_subject(_unfold(field)[:_SUBJECT_CHECK_CHARS])
+    if start.lower().startswith(prefix.strip().lower()):
         return field
     value = rest.lstrip(b" \t")
     if value[:1] in (b"\r", b"\n", b""):  # the text starts on a continuation line
@@ -117,15 +123,16 @@ def _prefixed_subject(field: bytes, prefix: str) -> bytes:
 
 
 def _clean(value: str) -> str:
-    """Header values we write come from config and model cards: never let them inject lines."""
-    return re.sub(r"[\x00-\x1f\x7f]+", " ", value).strip()[:900]
+    """Header values we write come from config, model cards and envelopes: never let them inject lines."""
+    return re.sub(r"[\x00-\x1f\x7f]+", " ", value).strip()
 
 
 def _header_line(name: str, value: str, newline: bytes) -> bytes:
-    """Status headers stay on one line (under 998 bytes) so grep and procmail see them whole;
-    the recipient list, which grows with the envelope, is folded at 78 columns (RFC 5322 2.2.3)."""
+    """Status headers stay on one line (cut under 998 bytes) so grep and procmail see them whole;
+    the recipient list, which grows with the envelope, is folded at 78 columns (RFC 5322 2.2.3),
+    never cut: every original recipient must survive a redirect."""
     if name.lower() != ORIGINAL_RECIPIENTS.lower():
-        return f"{name}: {value}".encode() + newline
+        return f"{name}: {value[:900]}".encode() + newline
     out = f"{name}:"
     width = len(out)
     for word in value.split(" "):

@@ -238,3 +238,21 @@ def test_check_config_prints_effective_config_without_torch(tmp_path, tiny_check
     assert effective["model"]["checkpoint"] == str(tiny_checkpoint.resolve())
     assert [rule["name"] for rule in effective["rules"]] == ["postmaster", "spam", "unsure"]
     assert effective["smtp"]["listen"] == "127.0.0.1:10025"
+
+
+def test_check_config_refuses_a_nan_timeout_with_exit_78(tmp_path, tiny_checkpoint):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model:\n  checkpoint: {tiny_checkpoint}\nsmtp:\n  data_timeout: .nan\n")
+    run = _run(["check-config", "--config", str(config)], tmp_path)
+    assert run.returncode == 78
+    assert f"{config}: smtp.data_timeout: expected a finite number, got nan".encode() in run.stderr
+    assert run.stdout == b""
+
+
+def test_a_text_starting_with_from_is_classified_whole_not_as_an_mbox(tmp_path, tiny_checkpoint):
+    text = b"From tomorrow onwards eve 6 to 3 work."
+    (tmp_path / "sms.txt").write_bytes(text)
+    run = _run(["classify", "--model", str(tiny_checkpoint), "sms.txt"], tmp_path)
+    assert run.returncode in (0, 1, 2), run.stderr  # the verdict's exit code
+    (record,) = [json.loads(line) for line in run.stdout.decode().splitlines()]
+    assert (record["file"], record["text_chars"]) == ("sms.txt", len(text))

@@ -227,3 +227,29 @@ def test_config_is_frozen(workdir):
     config = load_config(None, Path("models/default"))
     with pytest.raises(AttributeError):
         config.model = None
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("smtp", "data_timeout", ".nan"),
+        ("smtp", "command_timeout", ".inf"),
+        ("smtp", "classify_timeout", ".NaN"),
+        ("smtp", "downstream_timeout", "-.inf"),
+        ("thresholds", "spam", ".nan"),
+        ("thresholds", "unsure", ".inf"),
+    ],
+)
+def test_non_finite_numbers_are_refused_naming_the_key(workdir, section, key, value):
+    """A `.nan` timeout passed validation and then made the daemon drop every session."""
+    path = _write(workdir, f"model:\n  checkpoint: models/default\n{section}:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: {section}\.{key}: expected a finite number, got"):
+        load_config(path)
+
+
+def test_non_finite_score_bounds_in_a_rule_are_refused(workdir):
+    rule = "rules:\n  - match: {score_min: -.inf}\n    actions: [tag]\n"
+    path = _write(workdir, "model:\n  checkpoint: models/default\n" + rule)
+    expected = r"rules\[0\]\.match\.score_min: expected a finite number, got -inf"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)

@@ -48,6 +48,43 @@ def test_hand_written_mbox_with_quoted_from_line_is_kept_as_stored(tmp_path):
     ]
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"From tomorrow onwards eve 6 to 3 work.",
+        b"From here on I will call you every day\nSubject: not a header either\n",
+        b"From: alice@example.org\nSubject: a header, not an mbox line\n\nhi\n",
+        b"From alice@example.org yesterday: call me\n",
+    ],
+)
+def test_a_file_starting_with_from_but_no_from_line_is_one_message(tmp_path, text):
+    """Only a real `From_` line (sender and date) makes an mbox; this text was read as an empty
+    mbox message named FILE#1."""
+    path = tmp_path / "sms.txt"
+    path.write_bytes(text)
+    assert list(iter_messages(path)) == [(str(path), text)]
+
+
+@pytest.mark.parametrize(
+    "from_line",
+    [
+        b"From MAILER-DAEMON Fri Jul  8 12:08:34 2011",  # Python's mailbox, mail spools
+        b"From - Thu Nov 26 10:00:00 2026",  # Thunderbird
+        b"From 1234567890@xxx Mon Mar 22 15:30:46 +0000 2021",  # Gmail Takeout
+        b"From alice@example.org Thu Nov 26 10:00:00 2026 +0100",
+        b"From bob Tue Jan  4 10:31 2000 remote from uucp",
+        b"From carol@example.org Thu Nov 26 10:00:00 CET 2026\r",
+        b"From dave@example.org Thu, 26 Nov 2026 10:00:00 +0000",  # an RFC 5322 date
+    ],
+)
+def test_mbox_from_line_variants_are_recognised(tmp_path, from_line):
+    path = tmp_path / "box"
+    path.write_bytes(from_line + b"\nSubject: one\n\nhello\n")
+    (name, raw), *rest = iter_messages(path)
+    assert (name, rest) == (f"{path}#1", [])
+    assert raw.endswith(b"Subject: one\n\nhello\n")
+
+
 def test_maildir_reads_new_then_cur_and_skips_tmp_and_subfolders(tmp_path):
     root = tmp_path / "Maildir"
     box = mailbox.Maildir(root)

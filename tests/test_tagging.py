@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spamfilterd import tagging
 from spamfilterd.rules import Decision
 from spamfilterd.tagging import decoded_subject, original_recipients_header, rewrite_headers, status_headers
 
@@ -67,6 +68,14 @@ def test_mbox_from_line_stays_first():
     raw = b"From alice@example.com Thu Nov 26 10:00:00 2026\nSubject: hi\n\nbody\n"
     out = rewrite_headers(raw, [("X-Spam-Flag", "NO")])
     assert out == b"From alice@example.com Thu Nov 26 10:00:00 2026\nX-Spam-Flag: NO\nSubject: hi\n\nbody\n"
+
+
+def test_a_first_line_starting_with_from_is_kept_in_place_only_if_it_is_an_mbox_line():
+    chat = b"From tomorrow onwards eve 6 to 3 work.\nSubject: x\n\nbody\n"
+    assert rewrite_headers(chat, [("X-A", "1")]) == b"X-A: 1\n\n" + chat
+    from_line = b"From - Thu Nov 26 10:00:00 2026\n"
+    mbox = from_line + b"Subject: x\n\nbody\n"
+    assert rewrite_headers(mbox, [("X-A", "1")]) == from_line + b"X-A: 1\nSubject: x\n\nbody\n"
 
 
 @pytest.mark.parametrize(
@@ -166,6 +175,34 @@ def test_header_values_cannot_inject_lines_and_recipient_lists_fold():
     assert all(len(line) <= 78 for line in lines if b"Spam-Model" not in line)
     parsed = _headers(out)
     assert parsed["X-Spam-Original-Recipients"].replace("\r\n", "") == ", ".join(recipients)
+
+
+def test_sixty_recipients_are_all_kept_in_the_folded_header():
+    """The list was cut at 900 characters: 24 of 60 recipients survived a redirect."""
+    recipients = tuple(f"recipient-number-{i:02d}@department.example.com" for i in range(60))
+    out = rewrite_headers(b"Subject: x\r\n\r\nb", [original_recipients_header(recipients)])
+    head = out.split(b"\r\n\r\n")[0]
+    assert all(len(line) <= 78 for line in head.split(b"\r\n"))
+    value = _headers(out)["X-Spam-Original-Recipients"].replace("\r\n", "")
+    assert value.split(", ") == list(recipients)
+
+
+def test_header_scan_stops_at_the_cap_and_leaves_the_rest_in_place_as_body():
+    """Bounded work whatever the header: past tagging.MAX_HEADER_BYTES nothing is parsed, the remaining
+    lines stay in place behind a blank line, so no parser reads a forged flag there as a header."""
+    cap = tagging.MAX_HEADER_BYTES
+    filler = b"X-Filler: 0123456789\r\n" * (cap // 22 + 1)
+    inside, beyond = filler[: filler.rfind(b"\r\n", 0, cap) + 2], filler[len(filler) // 2 :]
+    raw = inside + beyond + b"X-Spam-Flag: NO\r\nSubject: late\r\n\r\n" + BODY
+    out = rewrite_headers(raw, [("X-Spam-Flag", "YES")], subject_prefix="[SPAM] ")
+    assert out == b"X-Spam-Flag: YES\r\nSubject: [SPAM]\r\n" + inside + b"\r\n" + raw[len(inside) :]
+    assert _headers(out).get_all("X-Spam-Flag") == ["YES"]
+
+
+def test_a_forged_field_folded_over_many_lines_goes_whole():
+    folded = b"X-Spam-Status: No, forged\n" + b" y\n" * 20_000 + b"\t\r\n z"
+    out = rewrite_headers(b"Subject: s\n" + folded + b"\nTo: b@c.d\n\nbody\n", [("X-Spam-Flag", "YES")])
+    assert out == b"X-Spam-Flag: YES\nSubject: s\nTo: b@c.d\n\nbody\n"
 
 
 def test_status_header_stays_on_one_line():
