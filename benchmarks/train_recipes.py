@@ -16,8 +16,10 @@ import torch
 
 from trainer.data import DataOptions, build_splits
 from trainer.metrics import classification_metrics
-from trainer.train import RECIPES, TrainConfig, score_texts, train
+from trainer.pipeline import score_splits
+from trainer.train import RECIPES, TrainConfig, train
 
+SPLITS = (("val", "validation"), ("test", "test"))
 SMS = Path(__file__).resolve().parents[2] / "shared/data/sms_spam_collection/SMSSpamCollection"
 
 
@@ -57,17 +59,8 @@ def main() -> None:
     splits, _ = build_splits(DataOptions(data=args.data))
     result = train(splits, config, progress=args.progress)
     started = time.perf_counter()
-    accuracy = {}
-    for name, frame in (("val", splits.validation), ("test", splits.test)):
-        scores = score_texts(
-            result.model,
-            list(frame["Text"]),
-            result.max_tokens,
-            result.temperature,
-            result.device,
-            result.precision,
-        )
-        accuracy[name] = classification_metrics(list(frame["Label"]), scores)["accuracy"]
+    scored = score_splits(result, splits)
+    accuracy = {name: classification_metrics(*scored[split])["accuracy"] for name, split in SPLITS}
     line = {
         "tag": args.tag,
         "recipe": args.recipe,

@@ -17,19 +17,30 @@ from trainer.train import TrainConfig, score_texts, train
 FOLDS = 5
 
 
+def pooled(splits: Splits) -> pd.DataFrame:
+    """Train and validation together: every message a threshold may be counted on."""
+    return pd.concat([splits.train, splits.validation]).reset_index(drop=True)
+
+
+def stratified_folds(labels, folds: int, seed: int) -> np.ndarray:
+    """The fold of each message; every fold gets its share of ham and of spam."""
+    truth = np.asarray(labels, dtype=int)
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(len(truth), dtype=int)
+    for label in (0, 1):
+        rows = np.flatnonzero(truth == label)
+        rng.shuffle(rows)
+        fold_of[rows] = np.arange(len(rows)) % folds
+    return fold_of
+
+
 def cross_validated_scores(
     splits: Splits, config: TrainConfig, folds: int = FOLDS, progress: bool = True
 ) -> tuple[list[int], list[float]]:
     """(labels, calibrated P(spam)) of every train + validation message, each from the fold model
     that held it out; each fold model keeps its epoch and temperature on its held-out fold."""
-    pool = pd.concat([splits.train, splits.validation]).reset_index(drop=True)
-    truth = pool["Label"].astype(int).to_numpy()
-    rng = np.random.default_rng(config.seed)
-    fold_of = np.empty(len(pool), dtype=int)
-    for label in (0, 1):  # stratified: every fold gets its share of ham and of spam
-        rows = np.flatnonzero(truth == label)
-        rng.shuffle(rows)
-        fold_of[rows] = np.arange(len(rows)) % folds
+    pool = pooled(splits)
+    fold_of = stratified_folds(pool["Label"], folds, config.seed)
     labels: list[int] = []
     scores: list[float] = []
     for fold in range(folds):

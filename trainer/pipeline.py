@@ -33,7 +33,7 @@ def default_name(config: TrainConfig) -> str:
     return f"spamfilterd-{base}-{dt.datetime.now(dt.UTC):%Y%m%d}"
 
 
-def _score_splits(result: TrainResult, splits: Splits) -> dict[str, tuple[list[int], list[float]]]:
+def score_splits(result: TrainResult, splits: Splits) -> dict[str, tuple[list[int], list[float]]]:
     return {
         name: (
             [int(label) for label in frame["Label"]],
@@ -190,7 +190,7 @@ def run_training(
     """Everything `spamfilterd-train` does; returns the model card that was written."""
     splits, data_card = build_splits(data)
     result = train(splits, config, progress=progress)
-    scored = _score_splits(result, splits)
+    scored = score_splits(result, splits)
     chosen_on = threshold_scores(splits, scored["validation"], config, max_fpr, cv_folds, progress)
     card = build_card(
         name or default_name(config),

@@ -1,0 +1,185 @@
+"""The model-quality table: our trainer vs TF-IDF + logistic regression on the same splits.
+
+    python benchmarks/model_quality.py sms-reference --seeds 123,7,42 --log benchmarks/results_quality.jsonl
+    python benchmarks/model_quality.py default --seeds 123        # SMS (all, stratified) + 2002 email
+    python benchmarks/model_quality.py sms-reference --mix-email steps=8000 ...
+
+Setups (every one split by trainer.data.build_splits with the run's seed, exactly as
+`spamfilterd-train` splits):
+  sms-reference  balanced SMS corpus, 1,045 / 149 / 300 (the reference split)
+  sms-full       the whole SMS corpus, stratified 70/10/20
+  email          the 2002 SpamAssassin corpus alone, stratified 70/10/20
+  default        what `make train` trains: SMS stratified + the 2002 email corpus
+`--mix-email` adds the email corpus to the training (and validation) data of an SMS setup; the
+SMS test set stays the same, and the table reports it per source.
+
+Our model is trained and scored through `trainer.pipeline.run_training` (the card's metrics at the
+card's thresholds). The baseline is scikit-learn's TF-IDF (word 1-2 grams, sublinear tf) +
+logistic regression (C=10), calibrated and thresholded by the trainer's own steps (temperature on
+validation; thresholds counted by `trainer.metrics.choose_thresholds` on validation, or on 5-fold
+cross-validation when validation is too small). scikit-learn is a benchmark-only dependency
+(`pip install -e .[bench]`). Each result is one JSON line (`--log FILE` appends them).
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from train_recipes import parse_overrides
+
+from trainer.calibration import fit_temperature
+from trainer.crossval import FOLDS, pooled, stratified_folds
+from trainer.data import DataOptions, Splits, build_splits, source_kind
+from trainer.metrics import can_measure
+from trainer.pipeline import run_training, split_metrics
+from trainer.train import RECIPES, TrainConfig
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SMS = SHARED / "sms_spam_collection" / "SMSSpamCollection"
+EMAIL = SHARED / "spamassassin_2002"
+SETUPS = ("sms-reference", "sms-full", "email", "default")
+KEYS = ("accuracy", "fpr", "recall", "f1", "unsure_share", "ece", "brier")
+
+
+def data_options(setup: str, seed: int, mix_email: bool, sms: Path, email: Path) -> DataOptions:
+    use_email = setup in ("email", "default") or mix_email
+    return DataOptions(
+        data=sms,
+        use_sms=setup != "email",
+        balance=setup == "sms-reference",
+        seed=seed,
+        email_corpus=[email] if use_email else [],
+    )
+
+
+def _rows(frame, kind: str | None) -> list[int]:
+    kinds = [source_kind(source) for source in frame["Source"]]
+    return [row for row, row_kind in enumerate(kinds) if kind is None or row_kind == kind]
+
+
+def _tfidf_fit(train, seed: int):
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
+    model = LogisticRegression(C=10.0, max_iter=2000, random_state=seed)
+    model.fit(vectorizer.fit_transform(train["Text"]), train["Label"].astype(int))
+    return lambda frame: model.decision_function(vectorizer.transform(frame["Text"]))
+
+
+def _calibrated(margins: np.ndarray, temperature: float) -> list[float]:
+    return (1 / (1 + np.exp(-margins / temperature))).tolist()
+
+
+def tfidf_baseline(splits: Splits, seed: int, max_fpr: float) -> tuple[dict[str, list[float]], tuple]:
+    """TF-IDF + logistic regression through the trainer's own steps: its margins get a temperature
+    fitted on validation, and its thresholds are counted on validation, or on 5-fold
+    cross-validated scores of train + validation when validation is too small (as the trainer does).
+    Returns (calibrated P(spam) of validation and test, (labels, scores) to count thresholds on).
+    """
+    margins_of = _tfidf_fit(splits.train, seed)
+    margins = {"validation": margins_of(splits.validation), "test": margins_of(splits.test)}
+    val_labels = splits.validation["Label"].astype(int).tolist()
+    temperature = fit_temperature(margins["validation"], val_labels)
+    scores = {name: _calibrated(values, temperature) for name, values in margins.items()}
+    if can_measure(val_labels, max_fpr):
+        return scores, (val_labels, scores["validation"])
+    pool = pooled(splits)
+    fold_of = stratified_folds(pool["Label"], FOLDS, seed)
+    labels, counted = [], []
+    for fold in range(FOLDS):
+        held_out = pool[fold_of == fold]
+        fold_margins = _tfidf_fit(pool[fold_of != fold], seed)(held_out)
+        fold_labels = held_out["Label"].astype(int).tolist()
+        labels += fold_labels
+        counted += _calibrated(fold_margins, fit_temperature(fold_margins, fold_labels))
+    return scores, (labels, counted)
+
+
+def _summary(metrics: dict) -> dict:
+    return {key: round(float(metrics[key]), 5) for key in KEYS}
+
+
+def baseline_metrics(splits: Splits, seed: int, max_fpr: float, unsure_fpr: float) -> dict:
+    from trainer.metrics import choose_thresholds
+
+    scores, counted = tfidf_baseline(splits, seed, max_fpr)
+    thresholds = choose_thresholds(*counted, max_fpr, unsure_fpr)
+    result = {"thresholds": thresholds}
+    for kind in sorted({source_kind(source) for source in splits.test["Source"]}):
+        rows = _rows(splits.test, kind)
+        labels = [int(splits.test["Label"].iloc[row]) for row in rows]
+        values = [scores["test"][row] for row in rows]
+        result[kind] = _summary(split_metrics(labels, values, thresholds))
+        result[kind + "_argmax"] = _summary(split_metrics(labels, values, {"spam": 0.5, "unsure": 0.5}))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("setup", choices=SETUPS)
+    parser.add_argument("overrides", nargs="*", help="key=value fields of TrainConfig over the recipe")
+    parser.add_argument("--seeds", default="123")
+    parser.add_argument("--mix-email", action="store_true")
+    parser.add_argument("--recipe", default="random", choices=sorted(RECIPES))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-fpr", type=float, default=0.005)
+    parser.add_argument("--unsure-fpr", type=float, default=0.05)
+    parser.add_argument("--sms", type=Path, default=SMS)
+    parser.add_argument("--email", type=Path, default=EMAIL)
+    parser.add_argument("--log", type=Path)
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--baseline-only", action="store_true", help="only TF-IDF + LR (seconds)")
+    args = parser.parse_intermixed_args()
+    torch.set_num_threads(args.threads)
+    overrides = parse_overrides(args.overrides)
+    for seed in [int(value) for value in args.seeds.split(",")]:
+        options = data_options(args.setup, seed, args.mix_email, args.sms, args.email)
+        splits, _ = build_splits(options)
+        line = {
+            "tag": args.tag,
+            "setup": args.setup + ("+email" if args.mix_email else ""),
+            "seed": seed,
+            "overrides": overrides,
+            "split_sizes": splits.sizes(),
+            "tfidf_lr": baseline_metrics(splits, seed, args.max_fpr, args.unsure_fpr),
+        }
+        if not args.baseline_only:
+            config = TrainConfig(**{**RECIPES[args.recipe], "seed": seed, "precision": "fp32", **overrides})
+            started = time.perf_counter()
+            with tempfile.TemporaryDirectory() as out:
+                card = run_training(options, config, Path(out), progress=False)
+            test = card["metrics"]["test"]
+            line["ours"] = {
+                "thresholds": card["thresholds"],
+                "temperature": round(card["temperature"], 4),
+                "selected_epoch": card["calibration"]["selected_epoch"],
+                "epochs_run": card["training"]["epochs_run"],
+                "train_s": card["training"]["train_seconds"],
+                "total_s": round(time.perf_counter() - started, 1),
+                "all": _summary(test),
+                "all_argmax": _summary({**card["metrics_argmax"]["test"], **_calibration_only(test)}),
+                **{
+                    kind: _summary(per_split["test"])
+                    for kind, per_split in card["metrics_by_source"].items()
+                    if "test" in per_split
+                },
+            }
+        print(json.dumps(line), flush=True)
+        if args.log:
+            with args.log.open("a") as handle:
+                handle.write(json.dumps(line) + "\n")
+
+
+def _calibration_only(metrics: dict) -> dict:
+    return {key: metrics[key] for key in ("unsure_share", "ece", "brier")}
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
