@@ -172,7 +172,7 @@ class DownstreamConnection:
                 batch, size = [], 0
         await self._send(*batch)
         answers = [await self._read_reply() for _ in range(replies)]
-        self._check_in_step()
+        self._check_in_step(closing_ok=True)
         return answers
 
     def quit(self) -> None:
@@ -191,12 +191,17 @@ class DownstreamConnection:
         await self._send(line.encode("utf-8", "surrogateescape") + b"\r\n")
         return await self._read_reply()
 
-    def _check_in_step(self) -> None:
+    def _check_in_step(self, closing_ok: bool = False) -> None:
         """Lock-step means downstream has nothing more to say before our next command; bytes
-        waiting here are replies to commands we never sent (e.g. a smuggled second message)."""
-        if not self.closed and self._reader._buffer:  # type: ignore[attr-defined]  # no public peek
-            self.close()
-            raise DownstreamProtocolError("downstream sent replies to commands we did not send")
+        waiting here are replies to commands we never sent (e.g. a smuggled second message).
+        A 421 is an MTA timing out or shutting down (`closing_ok`: fine after a final reply)."""
+        unread = bytes(self._reader._buffer[:80]) if not self.closed else b""  # type: ignore[attr-defined]
+        if not unread or (closing_ok and unread.startswith(b"421")):  # (StreamReader has no peek)
+            return
+        self.close()
+        if unread.startswith(b"421"):
+            raise DownstreamError(f"downstream closed the connection: {unread!r}")
+        raise DownstreamProtocolError(f"downstream sent replies to commands we did not send: {unread!r}")
 
     async def _send(self, *pieces: bytes | memoryview) -> None:
         if self.closed:
