@@ -158,6 +158,10 @@ class DownstreamConnection:
         """
         start = await self.command("DATA")
         if start.code >= 400:
+            try:  # end the transaction, so that the next MAIL is not a nested one
+                await self.rset()
+            except DownstreamError:
+                pass  # closed: the next message connects afresh
             return [start] * replies
         if start.code != 354:
             self.close()

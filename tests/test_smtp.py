@@ -743,6 +743,7 @@ class FakeMTA:
         self.end_reply = end_reply or (lambda content: b"250 2.0.0 Ok\r\n")
         self.delay = delay
         self.messages: list[bytes] = []
+        self.commands: list[bytes] = []
         self.opened = self.closed = 0
 
         async def start():
@@ -758,6 +759,7 @@ class FakeMTA:
             writer.write(b"220 fake ESMTP\r\n")
             while line := await reader.readline():
                 command = line[:4].upper()
+                self.commands.append(command)
                 if command in (b"EHLO", b"LHLO"):
                     writer.write(b"250-fake\r\n250 8BITMIME\r\n")
                 elif command == b"DATA":
@@ -1065,3 +1067,19 @@ def test_an_unknown_redirect_address_fails_the_check_of_the_config(harness):
         harness.lt.run(harness.proxy.verify(config))
     harness.sink.stop()  # a downstream that is down only warns: it may start after us
     harness.lt.run(harness.proxy.verify(config))
+
+
+def test_after_a_refused_data_command_the_session_goes_on(harness, lt):
+    fake = FakeMTA(lt, data_reply=b"451 4.3.0 Try later\r\n")
+    try:
+        harness.reconfigure(smtp={"downstream": f"127.0.0.1:{fake.port}"})
+        with harness.client() as conn:
+            for tag in ("one", "two"):
+                with pytest.raises(smtplib.SMTPDataError) as err:
+                    conn.sendmail("a@example.org", ["b@example.net"], make_message(tag))
+                assert err.value.smtp_code == 451
+        assert fake.opened == 1
+        assert fake.commands.count(b"DATA") == 2
+        assert fake.commands[fake.commands.index(b"DATA") + 1] == b"RSET"  # no nested MAIL next
+    finally:
+        fake.close()
