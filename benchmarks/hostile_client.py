@@ -62,6 +62,11 @@ def memory_kib(pid: int) -> dict[str, int]:
     return fields
 
 
+def reset_peak(pid: int) -> None:
+    """Make VmHWM start from the current RSS (Linux: clear_refs 5), so start-up does not count."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def tiny_model(directory: Path) -> Path:
     import torch
 
@@ -108,6 +113,7 @@ class Client:
 def run_rss(port: int, pid: int, mib: int) -> None:
     client = Client(port)
     client.transaction(["bob@example.net"])
+    reset_peak(pid)
     before = memory_kib(pid)
     chunk = b"A" * 65536
     started = time.monotonic()
@@ -130,6 +136,7 @@ def run_message(port: int, pid: int, mib: int) -> None:
     message = b"From: a@example.org\r\nSubject: big\r\n\r\n" + body
     client = Client(port)
     client.transaction(["bob@example.net"])
+    reset_peak(pid)
     before = memory_kib(pid)
     client.sock.sendall(message + b".\r\n")
     reply = client.reply()

@@ -9,6 +9,7 @@ its dot-stuffing treats a bare LF as a line end, which would alter the body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -158,10 +159,8 @@ class DownstreamConnection:
         """
         start = await self.command("DATA")
         if start.code >= 400:
-            try:  # end the transaction, so that the next MAIL is not a nested one
-                await self.rset()
-            except DownstreamError:
-                pass  # closed: the next message connects afresh
+            with contextlib.suppress(DownstreamError):  # if closed, the next message connects afresh
+                await self.rset()  # end the transaction, so that the next MAIL is not a nested one
             return [start] * replies
         if start.code != 354:
             self.close()
@@ -169,11 +168,12 @@ class DownstreamConnection:
         batch: list[bytes | memoryview] = []
         size = 0
         for piece in dot_stuff(message):
-            batch.append(piece)
-            size += len(piece)
-            if size >= _SEND_CHUNK:
-                await self._send(*batch)
-                batch, size = [], 0
+            for start in range(0, len(piece), _SEND_CHUNK):  # the transport copies what it buffers
+                batch.append(piece[start : start + _SEND_CHUNK])
+                size += len(batch[-1])
+                if size >= _SEND_CHUNK:
+                    await self._send(*batch)
+                    batch, size = [], 0
         await self._send(*batch)
         answers = [await self._read_reply() for _ in range(replies)]
         self._check_in_step(closing_ok=True)
