@@ -657,6 +657,7 @@ class _ProxySession:
                 reply = await self._call_handler_hook("DATA")  # type: ignore[attr-defined]
             self._set_post_data_state()  # type: ignore[attr-defined]
             self._progress_at = self.loop.time()  # type: ignore[attr-defined]
+            self._release()  # the message is relayed or refused: before the reply, for a new one
             await self.push(reply)
         finally:
             self._release()

@@ -976,7 +976,7 @@ def test_a_non_utf8_address_is_refused_at_rcpt(harness):
         assert sock.replies(1) == [b"553 5.1.7 Sender address is not valid UTF-8"]
 
 
-@pytest.mark.parametrize("harness", [{"smtp": {"batch_wait_ms": 500}}], indirect=True)
+@pytest.mark.parametrize("harness", [{"smtp": {"batch_wait_ms": 1500}}], indirect=True)
 def test_one_message_that_breaks_the_engine_does_not_fail_its_batch(harness):
     engine = harness.proxy.runtime.engine
 
