@@ -65,6 +65,7 @@ _ENHANCED = {
 }
 _MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 _DATA_TIMER_MARGIN_S = 5.0
+_PROBE_TIMEOUT_S = 10.0
 _LOGFMT_BARE = re.compile(r"[^\s\"=\\]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
@@ -88,8 +89,9 @@ async def probe_downstream(config: Config, hostname: str) -> dict[str, str]:
     deferring spam for days; returns downstream's EHLO keywords. DownstreamError: unreachable."""
     smtp = config.smtp
     host, port = split_host_port(smtp.downstream)
+    timeout = min(smtp.downstream_timeout, _PROBE_TIMEOUT_S)  # a silent downstream must not stall a start
     conn = await DownstreamConnection.open(
-        host, port, lmtp=smtp.protocol == "lmtp", helo_name=hostname, timeout=smtp.downstream_timeout
+        host, port, lmtp=smtp.protocol == "lmtp", helo_name=hostname, timeout=timeout
     )
     try:
         for rule in config.rules:
