@@ -142,7 +142,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         try:
             work = loop.run_in_executor(
-                self._pool, self.engine.check_many, [p.raw for p in batch], [p.envelope for p in batch]
+                self._pool, _check_each, self.engine, [p.raw for p in batch], [p.envelope for p in batch]
             )
         except RuntimeError as exc:  # the pool was shut down (a reload raced with this batch)
             work = loop.create_future()
@@ -154,6 +154,23 @@ def _retrieve(probe: asyncio.Future) -> None:
     """A probe's failure is answered by `model_ready`; fetch it so asyncio does not log it too."""
     if not probe.cancelled():
         probe.exception()
+
+
+def _check_each(engine: FilterEngine, raws: list[bytes], envelopes: list[Envelope]) -> list:
+    """`engine.check_many`, but one bad message fails only itself: after a failed batch, each
+    message is checked alone and gets its own result or its own ClassifierError."""
+    try:
+        return engine.check_many(raws, envelopes)
+    except Exception:
+        if len(raws) == 1:
+            raise
+    results: list = []
+    for raw, envelope in zip(raws, envelopes, strict=True):
+        try:
+            results.extend(engine.check_many([raw], [envelope]))
+        except Exception as exc:
+            results.append(ClassifierError(f"classifier failed: {exc!r}"))
+    return results
 
 
 def _deliver(batch: list[_Pending], done: asyncio.Future) -> None:
@@ -172,5 +189,9 @@ def _deliver(batch: list[_Pending], done: asyncio.Future) -> None:
                 item.future.set_exception(error)
         return
     for item, result in zip(batch, results, strict=True):
-        if not item.future.done():
+        if item.future.done():
+            continue
+        if isinstance(result, ClassifierError):
+            item.future.set_exception(result)
+        else:
             item.future.set_result(result)

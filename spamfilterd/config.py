@@ -71,6 +71,7 @@ class SmtpConfig:
     max_message_size: int = 26_214_400
     max_recipients: int = 100
     max_sessions: int = 50
+    max_bytes_in_flight: int = 268_435_456  # all sessions' messages being received or checked
     command_timeout: float = 300
     data_timeout: float = 120
     downstream_timeout: float = 60
@@ -341,6 +342,12 @@ def _message(data: Any) -> MessageConfig:
 def _smtp(data: Any) -> SmtpConfig:
     d = SmtpConfig()
     s = _Section(data, "smtp", SmtpConfig.__dataclass_fields__)
+    size = s.integer("max_message_size", d.max_message_size)
+    if s.integer("max_bytes_in_flight", d.max_bytes_in_flight) < size:
+        raise ConfigError(
+            f"smtp.max_bytes_in_flight: must be at least smtp.max_message_size ({size}), "
+            "or no message of the largest size could ever pass"
+        )
     return SmtpConfig(
         listen=s.host_port("listen", d.listen),
         downstream=s.host_port("downstream", d.downstream),
@@ -348,6 +355,7 @@ def _smtp(data: Any) -> SmtpConfig:
         max_message_size=s.integer("max_message_size", d.max_message_size),
         max_recipients=s.integer("max_recipients", d.max_recipients),
         max_sessions=s.integer("max_sessions", d.max_sessions),
+        max_bytes_in_flight=s.integer("max_bytes_in_flight", d.max_bytes_in_flight),
         command_timeout=s.number("command_timeout", d.command_timeout),
         data_timeout=s.number("data_timeout", d.data_timeout),
         downstream_timeout=s.number("downstream_timeout", d.downstream_timeout),

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from spamfilterd.config import Config, effective_thresholds
 from spamfilterd.message import header_from_domain, looks_like_email, message_to_text
-from spamfilterd.rules import Decision, Envelope, decide, verdict_for
+from spamfilterd.rules import Decision, Envelope, decide_per_recipient, verdict_for
 from spamfilterd.tagging import STATUS, original_recipients_header, rewrite_headers, status_headers
 
 if TYPE_CHECKING:
@@ -24,11 +24,21 @@ GTUBE_TEXT = GTUBE.decode("ascii")
 
 
 @dataclass
-class CheckResult:
+class Delivery:
+    """One group of recipients with the same decision, and the message as tagged for them."""
+
     decision: Decision
+    recipients: tuple[str, ...]
+    message: bytes
+
+
+@dataclass
+class CheckResult:
+    decision: Decision  # the first recipient's (pipe mode: the envelope's)
     message: bytes  # the message to deliver: our headers applied, body bytes unchanged
     text_chars: int  # length of the text the classifier read
     notes: list[str] = field(default_factory=list)
+    deliveries: list[Delivery] = field(default_factory=list)  # one per decision, first one first
 
 
 class FilterEngine:
@@ -75,12 +85,20 @@ class FilterEngine:
             else:
                 score = float(next(model_scores))
                 verdict = verdict_for(score, self.spam_threshold, self.unsure_threshold)
-            decision = decide(
+            groups = decide_per_recipient(
                 self.config.rules, verdict, score, envelope, header_from_domain(raw), gtube=is_test
             )
             notes = [*text.notes, *(["GTUBE test string found"] if is_test else [])]
-            message = self.tag(raw, decision, envelope, bare_text=not text.is_email)
-            results.append(CheckResult(decision, message, len(text.text), notes))
+            deliveries = [
+                Delivery(
+                    decision,
+                    rcpts,
+                    self.tag(raw, decision, Envelope(envelope.mail_from, rcpts), not text.is_email),
+                )
+                for decision, rcpts in groups
+            ]
+            first = deliveries[0]
+            results.append(CheckResult(first.decision, first.message, len(text.text), notes, deliveries))
         return results
 
     def tag(self, raw: bytes, decision: Decision, envelope: Envelope, bare_text: bool = False) -> bytes:

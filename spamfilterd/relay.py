@@ -9,6 +9,9 @@ its dot-stuffing treats a bare LF as a line end, which would alter the body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 # MAIL FROM / RCPT TO parameters we take from clients, with the EHLO keyword downstream must have
@@ -25,8 +28,20 @@ PARAM_EXTENSION = {
 }
 
 
+# A CR or LF that is not part of a CRLF pair: downstreams differ on whether it ends a line, which is
+# what SMTP smuggling exploits (`<LF>.<LF>` ends DATA for some and is message text for others).
+_BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+# Bytes written to the socket before waiting for it to drain: the message is never copied whole.
+_SEND_CHUNK = 1 << 20
+
+
 class DownstreamError(Exception):
     """Downstream unreachable, timed out, closed the connection or spoke garbage."""
+
+
+class DownstreamProtocolError(DownstreamError):
+    """Downstream said something out of turn (an unrequested reply, a non-354 go-ahead to DATA):
+    its replies can no longer be matched to our commands, so the connection is dropped."""
 
 
 @dataclass(frozen=True)
@@ -51,14 +66,27 @@ class Reply:
         return "\r\n".join([*head, f"{self.code} {lines[-1]}".rstrip()])
 
 
-def dot_stuff(message: bytes) -> bytes:
-    """The message as DATA content: leading dots doubled, CRLF-terminated, plus the final dot."""
+def crlf_lines(message: bytes) -> bytes:
+    """`message` with every bare CR or LF made a CRLF; the same object when there is none."""
+    return _BARE_NEWLINE.sub(b"\r\n", message) if _BARE_NEWLINE.search(message) else message
+
+
+def dot_stuff(message: bytes) -> Iterator[bytes | memoryview]:
+    """The message as DATA content, in pieces that share its memory: bare CR/LF made CRLF, leading
+    dots doubled, CRLF-terminated, plus the final dot. Only CRLF ever ends a line on the wire."""
+    message = crlf_lines(message)
+    view = memoryview(message)
     if message.startswith(b"."):
-        message = b"." + message
-    message = message.replace(b"\r\n.", b"\r\n..")
+        yield b"."
+    start = 0
+    while (found := message.find(b"\r\n.", start)) >= 0:
+        yield view[start : found + 3]
+        yield b"."
+        start = found + 3
+    yield view[start:]
     if message and not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    return message + b".\r\n"
+        yield b"\r\n"
+    yield b".\r\n"
 
 
 def esmtp_params(options: list[str], extensions: dict[str, str]) -> list[str]:
@@ -97,14 +125,16 @@ class DownstreamConnection:
         except (OSError, TimeoutError) as exc:
             raise DownstreamError(f"cannot connect to {host}:{port}: {exc or 'timeout'}") from exc
         conn = cls(reader, writer, timeout)
-        greeting = await conn._read_reply()
-        if greeting.code != 220:
+        try:
+            greeting = await conn._read_reply()
+            if greeting.code != 220:
+                raise DownstreamError(f"downstream greeted with {greeting.render()!r}")
+            hello = await conn.command(f"{'LHLO' if lmtp else 'EHLO'} {helo_name}")
+            if hello.code != 250:
+                raise DownstreamError(f"downstream refused {'LHLO' if lmtp else 'EHLO'}: {hello.render()!r}")
+        except BaseException:  # also a cancellation: the client hung up while we were connecting
             conn.close()
-            raise DownstreamError(f"downstream greeted with {greeting.render()!r}")
-        hello = await conn.command(f"{'LHLO' if lmtp else 'EHLO'} {helo_name}")
-        if hello.code != 250:
-            conn.close()
-            raise DownstreamError(f"downstream refused {'LHLO' if lmtp else 'EHLO'}: {hello.render()!r}")
+            raise
         for line in hello.lines[1:]:
             keyword, _, value = line.partition(" ")
             conn.extensions[keyword.upper()] = value
@@ -122,12 +152,32 @@ class DownstreamConnection:
         return await self.command("RSET")
 
     async def data(self, message: bytes, replies: int) -> list[Reply]:
-        """Send the message; `replies` is 1 for SMTP, the number of accepted recipients for LMTP."""
+        """Send the message; `replies` is 1 for SMTP, the number of accepted recipients for LMTP.
+
+        A refusal of DATA itself (4xx/5xx) is downstream's answer for the message; any other reply
+        than 354 means nothing was sent and is a protocol error, never a delivery.
+        """
         start = await self.command("DATA")
-        if start.code != 354:
+        if start.code >= 400:
+            with contextlib.suppress(DownstreamError):  # if closed, the next message connects afresh
+                await self.rset()  # end the transaction, so that the next MAIL is not a nested one
             return [start] * replies
-        await self._send(dot_stuff(message))
-        return [await self._read_reply() for _ in range(replies)]
+        if start.code != 354:
+            self.close()
+            raise DownstreamProtocolError(f"downstream answered DATA with {start.render()!r}, not 354")
+        batch: list[bytes | memoryview] = []
+        size = 0
+        for piece in dot_stuff(message):
+            for start in range(0, len(piece), _SEND_CHUNK):  # the transport copies what it buffers
+                batch.append(piece[start : start + _SEND_CHUNK])
+                size += len(batch[-1])
+                if size >= _SEND_CHUNK:
+                    await self._send(*batch)
+                    batch, size = [], 0
+        await self._send(*batch)
+        answers = [await self._read_reply() for _ in range(replies)]
+        self._check_in_step(closing_ok=True)
+        return answers
 
     def quit(self) -> None:
         """Say goodbye without waiting for the reply: the client's QUIT must not hang on ours."""
@@ -141,14 +191,27 @@ class DownstreamConnection:
             self._writer.close()
 
     async def command(self, line: str) -> Reply:
+        self._check_in_step()
         await self._send(line.encode("utf-8", "surrogateescape") + b"\r\n")
         return await self._read_reply()
 
-    async def _send(self, data: bytes) -> None:
+    def _check_in_step(self, closing_ok: bool = False) -> None:
+        """Lock-step means downstream has nothing more to say before our next command; bytes
+        waiting here are replies to commands we never sent (e.g. a smuggled second message).
+        A 421 is an MTA timing out or shutting down (`closing_ok`: fine after a final reply)."""
+        unread = bytes(self._reader._buffer[:80]) if not self.closed else b""  # type: ignore[attr-defined]
+        if not unread or (closing_ok and unread.startswith(b"421")):  # (StreamReader has no peek)
+            return
+        self.close()
+        if unread.startswith(b"421"):
+            raise DownstreamError(f"downstream closed the connection: {unread!r}")
+        raise DownstreamProtocolError(f"downstream sent replies to commands we did not send: {unread!r}")
+
+    async def _send(self, *pieces: bytes | memoryview) -> None:
         if self.closed:
             raise DownstreamError("downstream connection already closed")
         try:
-            self._writer.write(data)
+            self._writer.writelines(pieces)
             async with asyncio.timeout(self._timeout):
                 await self._writer.drain()
         except (OSError, TimeoutError) as exc:

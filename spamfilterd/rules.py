@@ -35,7 +35,8 @@ class Match:
     """Conditions of one rule; all given conditions must hold, an absent one always holds.
 
     `*_in` holds when the value matches one of the glob patterns; `*_not_in` is its exact
-    negation. With several recipients, `recipient_in` holds when any recipient matches.
+    negation. Recipients are decided one at a time (`decide_per_recipient`), so a rule for
+    postmaster never decides for the other recipients of the same message.
     """
 
     verdicts: tuple[str, ...] | None = None
@@ -137,6 +138,42 @@ def decide(
             )
     actions = ("tag",) if verdict == "spam" else ("accept",)
     return Decision(verdict=verdict, score=score, actions=actions, rule=DEFAULT_RULE, gtube=gtube)
+
+
+def decide_per_recipient(
+    rules: tuple[Rule, ...],
+    verdict: str,
+    score: float,
+    envelope: Envelope,
+    from_domain: str | None,
+    gtube: bool = False,
+) -> list[tuple[Decision, tuple[str, ...]]]:
+    """Each recipient's own decision, recipients with the same one grouped (in envelope order);
+    without recipients (pipe mode), the one decision for the envelope. As amavis does, the SMTP
+    proxy delivers each group in a transaction of its own."""
+    if not envelope.rcpt_tos:
+        return [(decide(rules, verdict, score, envelope, from_domain, gtube), ())]
+    groups: dict[Decision, list[str]] = {}
+    for rcpt in envelope.rcpt_tos:
+        alone = Envelope(envelope.mail_from, (rcpt,))
+        groups.setdefault(decide(rules, verdict, score, alone, from_domain, gtube), []).append(rcpt)
+    return [(decision, tuple(rcpts)) for decision, rcpts in groups.items()]
+
+
+def recipient_policy(rules: tuple[Rule, ...], address: str) -> tuple[bool, ...]:
+    """Which rules' recipient conditions hold for `address`. Two recipients with the same policy get
+    the same decision for every message: all other conditions are the message's own."""
+    return tuple(
+        _list_holds([address], rule.match.recipient_in, rule.match.recipient_not_in, address_matches)
+        for rule in rules
+        if rule.match.recipient_in is not None or rule.match.recipient_not_in is not None
+    )
+
+
+def refusing(rules: tuple[Rule, ...]) -> bool:
+    """True when some rule refuses mail (`reject`, `tempfail`): recipients of one message may then
+    need different answers, which a single SMTP reply to DATA cannot give."""
+    return any(action in ("reject", "tempfail") for rule in rules for action in rule.actions)
 
 
 def normalize_address(address: str) -> str:

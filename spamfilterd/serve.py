@@ -30,7 +30,7 @@ from spamfilterd.config import (
 )
 from spamfilterd.http import HealthServer, Metrics
 from spamfilterd.readiness import not_ready_reason
-from spamfilterd.smtp import Runtime, SmtpProxy, build_runtime
+from spamfilterd.smtp import QuarantineError, Runtime, SmtpProxy, build_runtime
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,11 @@ class Daemon:
         loop = asyncio.get_running_loop()
         host, port = split_host_port(self.config.smtp.listen)
         try:
+            await self.proxy.verify(self.config)
+        except QuarantineError as exc:
+            log.error("%s", exc)
+            return EXIT_CONFIG_ERROR
+        try:
             bound = await self.proxy.start(host, port)
             if self.config.http.listen:
                 http_bound = await self.health.start(*split_host_port(self.config.http.listen))
@@ -170,6 +175,7 @@ class Daemon:
             try:
                 config = await asyncio.to_thread(load_config, self.config_path, self.model_path)
                 runtime = await asyncio.to_thread(build_runtime, config, self.metrics)
+                await self.proxy.verify(config)
             except Exception as exc:  # any failure must leave the running config and model serving
                 self.metrics.reloads["failed"] += 1
                 log.error("reload failed, still serving the previous config and model: %s", exc)

@@ -109,6 +109,10 @@ def test_model_override_replaces_config_checkpoint(workdir):
         ({"smtp": {"max_sessions": 0}}, "smtp.max_sessions: expected an integer >= 1, got 0"),
         ({"smtp": {"data_timeout": -1}}, "smtp.data_timeout: expected a number > 0, got -1"),
         ({"smtp": {"workers": True}}, "smtp.workers: expected an integer, got bool True"),
+        (
+            {"smtp": {"max_message_size": 1000, "max_bytes_in_flight": 999}},
+            "smtp.max_bytes_in_flight: must be at least smtp.max_message_size (1000)",
+        ),
         ({"http": {"listen": "9025"}}, "http.listen: expected host:port"),
         ({"logging": {"format": "xml"}}, "logging.format: expected one of: text, json; got 'xml'"),
         ({"thresholds": {"spam": 2}}, "thresholds.spam: expected a probability between 0 and 1.01, got 2.0"),

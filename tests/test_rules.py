@@ -3,7 +3,14 @@
 import pytest
 
 from spamfilterd.config import parse_rules
-from spamfilterd.rules import Envelope, address_matches, decide, verdict_for
+from spamfilterd.rules import (
+    Envelope,
+    address_matches,
+    decide,
+    decide_per_recipient,
+    recipient_policy,
+    verdict_for,
+)
 
 RULES = parse_rules(
     [
@@ -90,3 +97,18 @@ def test_default_tags_spam_and_accepts_the_rest():
 )
 def test_address_patterns(address, pattern, hit):
     assert address_matches(address, pattern) is hit
+
+
+def test_rules_decide_per_recipient_and_group_recipients_with_the_same_decision():
+    envelope = Envelope(
+        "x@spammer.example", ("bob@example.com", "postmaster@example.com", "carol@example.com")
+    )
+    groups = decide_per_recipient(RULES, "spam", 0.995, envelope, "spammer.example")
+    assert [(decision.rule, rcpts) for decision, rcpts in groups] == [
+        ("certain", ("bob@example.com", "carol@example.com")),
+        ("postmaster", ("postmaster@example.com",)),
+    ]
+    (only,) = decide_per_recipient(RULES, "spam", 0.995, Envelope(), "spammer.example")  # pipe mode
+    assert only == (decide(RULES, "spam", 0.995, Envelope(), "spammer.example"), ())
+    assert recipient_policy(RULES, "bob@example.com") == recipient_policy(RULES, "carol@example.org")
+    assert recipient_policy(RULES, "bob@example.com") != recipient_policy(RULES, "Postmaster@example.com")

@@ -196,3 +196,25 @@ def test_reload_refuses_a_model_that_does_not_load_and_keeps_the_old_one(
     assert daemon.proxy.runtime is not runtime
     assert daemon.proxy.runtime.engine.spam_threshold == 0.0
     assert metrics.reloads["ok"] == 1
+
+
+def test_a_redirect_address_downstream_refuses_stops_start_and_reload(
+    tiny_checkpoint, tmp_path, monkeypatch, daemon_env
+):
+    sink, _ = daemon_env
+    monkeypatch.setattr("spamfilterd.serve.setup_logging", lambda config: None)
+    config = tmp_path / "config.yaml"
+    write_config(config, tiny_checkpoint, sink.port, free_port(), free_port(), HAM)
+    metrics = Metrics()
+    runtime = build_runtime(load_config(config), metrics)
+    daemon = Daemon(config, None, runtime, metrics)
+
+    data = yaml.safe_load(config.read_text())
+    data["rules"] = [{"match": {"verdict": "spam"}, "actions": [{"redirect": "spam@example.net"}]}]
+    config.write_text(yaml.safe_dump(data))
+    sink.handler.rcpt_replies["spam@example.net"] = "550 5.1.1 <spam@example.net>: Recipient address rejected"
+    assert asyncio.run(daemon.reload()) is False  # the old config keeps serving
+    assert daemon.proxy.runtime is runtime
+
+    refusing = Daemon(config, None, build_runtime(load_config(config), metrics), metrics)
+    assert asyncio.run(refusing.run()) == 78  # EX_CONFIG: a restart cannot fix it, the admin can

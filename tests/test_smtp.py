@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import yaml
@@ -26,7 +27,15 @@ from aiosmtpd.smtp import SMTP
 from spamfilterd.config import load_config
 from spamfilterd.engine import GTUBE, FilterEngine
 from spamfilterd.http import HealthServer, Metrics
-from spamfilterd.smtp import Runtime, SmtpProxy, build_runtime, logfmt, message_id
+from spamfilterd.smtp import (
+    OTHER_POLICY,
+    QuarantineError,
+    Runtime,
+    SmtpProxy,
+    build_runtime,
+    logfmt,
+    message_id,
+)
 
 DSN_PARAMS = {"RET", "ENVID", "NOTIFY", "ORCPT"}
 HAM = {"spam": 1.01, "unsure": 1.01}  # every score is below: everything is ham
@@ -38,7 +47,7 @@ BODY = (
     "..and one with two\r\n"
     "tab\tand trailing blanks   \r\n" + "x" * 1500 + "\r\n"
     "\r\n"
-    "bare\nLF inside a line\r\n"
+    "=?utf-8?q?not_decoded?= \x7f\r\n"
     "end\r\n"
 ).encode()
 
@@ -125,7 +134,7 @@ class SinkHandler:
 class _LikePostfix:
     """Long lines and DSN parameters accepted; raw MAIL/RCPT arguments recorded."""
 
-    line_length_limit = 65_536
+    line_length_limit = 1 << 20
 
     def _getparams(self, params):
         result = super()._getparams(params)
@@ -613,7 +622,12 @@ def test_sigterm_style_shutdown_finishes_the_open_transaction(harness, lt):
 def test_dot_stuffing_and_reply_rendering():
     from spamfilterd.relay import Reply, dot_stuff, esmtp_params
 
-    assert dot_stuff(b".a\r\nb\r\n.\r\n..c\r\nd\n.e") == b"..a\r\nb\r\n..\r\n...c\r\nd\n.e\r\n.\r\n"
+    def stuffed(message: bytes) -> bytes:
+        return b"".join(dot_stuff(message))
+
+    assert stuffed(b".a\r\nb\r\n.\r\n..c\r\nd") == b"..a\r\nb\r\n..\r\n...c\r\nd\r\n.\r\n"
+    # Only CRLF ends a line on the wire: bare LF and CR become CRLF, and then get their dots doubled.
+    assert stuffed(b"a\n.\nb\r.\r\nc\r\n") == b"a\r\n..\r\nb\r\n..\r\nc\r\n.\r\n"
     assert Reply(250, ("first", "second")).render() == "250-first\r\n250 second"
     assert logfmt({"a": "x y", "b": "250-a\r\n250 b", "c": 3}) == 'a="x y" b="250-a 250 b" c=3'
     assert message_id(b"Subject: x\r\nMessage-Id:\r\n <a@b>\r\n\r\nMessage-ID: <body>\r\n") == "<a@b>"
@@ -641,16 +655,16 @@ def test_pipelined_commands_get_their_replies_in_order(harness):
     with socket.create_connection(("127.0.0.1", harness.port), timeout=30) as sock:
         reader = sock.makefile("rb")
         assert reader.readline().startswith(b"220 ")
-        sock.sendall(b"EHLO client.test\r\n")
+        sock.send(b"EHLO client.test\r\n")
         while not reader.readline().startswith(b"250 "):
             pass
-        sock.sendall(
+        sock.send(
             b"MAIL FROM:<alice@example.org> BODY=8BITMIME\r\n"
             b"RCPT TO:<bob@example.net>\r\nRCPT TO:<carol@example.net>\r\nDATA\r\n"
         )
         replies = [reader.readline()[:3] for _ in range(4)]
         assert replies == [b"250", b"250", b"250", b"354"]
-        sock.sendall(message + b".\r\nQUIT\r\n")
+        sock.send(message + b".\r\nQUIT\r\n")
         assert reader.readline().startswith(b"250 ")
         assert reader.readline().startswith(b"221 ")
     (got,) = harness.sink.received
@@ -717,3 +731,355 @@ def test_dsn_parameters_reach_a_dsn_downstream_unchanged(harness):
 def test_dsn_parameters_are_dropped_for_a_downstream_without_dsn(harness):
     _send_with_dsn(harness)
     assert harness.sink.handler.commands == ["FROM:<alice@example.org>", "TO:<bob@example.net>"]
+
+
+class FakeMTA:
+    """A scripted downstream on a raw socket, for answers no well-behaved server gives: a reply
+    other than 354 to DATA, replies nobody asked for, a greeting that comes late."""
+
+    def __init__(self, lt: LoopThread, data_reply: bytes = b"354 Go ahead\r\n", end_reply=None, delay=0.0):
+        self.lt = lt
+        self.data_reply = data_reply
+        self.end_reply = end_reply or (lambda content: b"250 2.0.0 Ok\r\n")
+        self.delay = delay
+        self.messages: list[bytes] = []
+        self.commands: list[bytes] = []
+        self.opened = self.closed = 0
+
+        async def start():
+            return await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+        self.server = lt.run(start())
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader, writer):
+        self.opened += 1
+        try:
+            await asyncio.sleep(self.delay)
+            writer.write(b"220 fake ESMTP\r\n")
+            while line := await reader.readline():
+                command = line[:4].upper()
+                self.commands.append(command)
+                if command in (b"EHLO", b"LHLO"):
+                    writer.write(b"250-fake\r\n250 8BITMIME\r\n")
+                elif command == b"DATA":
+                    writer.write(self.data_reply)
+                    if self.data_reply.startswith(b"354"):
+                        content = await reader.readuntil(b"\r\n.\r\n")
+                        self.messages.append(content)
+                        writer.write(self.end_reply(content))
+                elif command == b"QUIT":
+                    writer.write(b"221 2.0.0 Bye\r\n")
+                    break
+                else:
+                    writer.write(b"250 2.0.0 Ok\r\n")
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.closed += 1
+            writer.close()
+
+    def close(self) -> None:
+        self.lt.loop.call_soon_threadsafe(self.server.close)
+
+
+def _wait_for(condition, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+class RawClient:
+    """A raw-socket client past the greeting and EHLO, for what smtplib will not send."""
+
+    def __init__(self, port: int, *lines: bytes):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.reader = self.sock.makefile("rb")
+        assert self.reader.readline().startswith(b"220 ")
+        self.sock.send(b"EHLO client.test\r\n")
+        while not self.reader.readline().startswith(b"250 "):
+            pass
+        self.send(*lines)
+
+    def send(self, *lines: bytes) -> None:
+        self.sock.send(b"".join(lines))
+
+    def replies(self, count: int) -> list[bytes]:
+        return [self.reader.readline().rstrip(b"\r\n") for _ in range(count)]
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+TRANSACTION = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+
+
+# --- issue 9: hostile clients and real MTAs -------------------------------------------------------
+
+
+@pytest.mark.parametrize("harness", [{"smtp": {"max_message_size": 100_000}}], indirect=True)
+def test_an_unterminated_data_line_costs_no_more_than_the_size_limit(harness):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with RawClient(harness.port, TRANSACTION) as sock:
+            assert [r[:3] for r in sock.replies(3)] == [b"250", b"250", b"354"]
+            tracemalloc.reset_peak()
+            chunk = b"y" * 65_536
+            for _ in range(160):  # 10 MiB without a line end
+                sock.send(chunk)
+            sock.send(b"\r\n.\r\n")
+            (reply,) = sock.replies(1)
+            peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert reply.startswith(b"552 5.3.4")
+    assert peak < 2_000_000  # the limit plus buffers, not the 10 MiB sent
+    assert harness.sink.received == []
+    assert harness.proxy.bytes_in_flight == 0
+
+
+def test_lines_longer_than_64k_are_relayed_intact(harness):
+    body = b"start\r\n" + b"z" * 300_000 + b"\r\n." + b"w" * 70_000 + b"\r\nend\r\n"
+    assert harness.send(make_message("long", body=body)) == {}
+    (got,) = harness.sink.received
+    assert split(got.content)[1] == body
+
+
+def test_refusals_carry_enhanced_status_codes(harness):
+    with harness.client() as conn:
+        conn.ehlo()
+        assert conn.docmd("RCPT TO:<bob@example.net>") == (503, b"5.5.1 Error: need MAIL command")
+        conn.mail("alice@example.org")
+        assert conn.docmd("DATA") == (503, b"5.5.1 Error: need RCPT command")
+
+
+def test_smuggled_second_message_stays_inside_the_first(harness):
+    smuggled = (
+        b"Subject: hi\r\n\r\nhello\n.\nMAIL FROM:<evil@example.org>\nRCPT TO:<victim@example.net>\n"
+        b"DATA\nSubject: smuggled\n\nfree money\r\n.\r\n"
+    )
+    with RawClient(harness.port, TRANSACTION) as sock:
+        assert [r[:3] for r in sock.replies(3)] == [b"250", b"250", b"354"]
+        sock.send(smuggled)
+        assert sock.replies(1)[0][:3] == b"250"
+    (got,) = harness.sink.received
+    assert got.rcpt_tos == ["b@example.net"]
+    body = split(got.content)[1]
+    assert body == b"hello\r\n.\r\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.net>\r\n" + (
+        b"DATA\r\nSubject: smuggled\r\n\r\nfree money\r\n"
+    )
+    assert re.search(rb"\r(?!\n)|(?<!\r)\n", got.content) is None  # no bare CR or LF reaches downstream
+
+
+def test_replies_nobody_asked_for_drop_the_downstream_connection(harness, lt):
+    def end_reply(content: bytes) -> bytes:
+        if b"second" in content:
+            return b"554 5.7.1 Refused\r\n"
+        return b"250 2.0.0 Ok: first\r\n250 2.0.0 Ok: stale\r\n"  # as after a smuggled message
+
+    fake = FakeMTA(lt, end_reply=end_reply)
+    try:
+        harness.reconfigure(smtp={"downstream": f"127.0.0.1:{fake.port}"})
+        with harness.client() as conn:
+            with pytest.raises(smtplib.SMTPDataError) as err:  # one reply too many: which is ours?
+                conn.sendmail("a@example.org", ["b@example.net"], make_message("first"))
+            assert err.value.smtp_code == 451
+            with pytest.raises(smtplib.SMTPDataError) as err:  # not the stale 250
+                conn.sendmail("a@example.org", ["b@example.net"], make_message("second"))
+            assert err.value.smtp_code == 554
+        assert fake.opened == 2  # the confused connection was dropped, the second went on a new one
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize("answer", [b"250 2.0.0 Ok\r\n", b"334 What\r\n"])
+def test_anything_but_354_to_data_is_a_tempfail(harness, lt, answer):
+    fake = FakeMTA(lt, data_reply=answer)
+    try:
+        harness.reconfigure(smtp={"downstream": f"127.0.0.1:{fake.port}"})
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            harness.send(make_message("no-354"))
+        assert err.value.smtp_code == 451
+        assert fake.messages == []
+    finally:
+        fake.close()
+
+
+def test_a_downstream_refusal_of_data_is_passed_on(harness, lt):
+    fake = FakeMTA(lt, data_reply=b"554 5.5.1 No valid recipients\r\n")
+    try:
+        harness.reconfigure(smtp={"downstream": f"127.0.0.1:{fake.port}"})
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            harness.send(make_message("refused"))
+        assert (err.value.smtp_code, err.value.smtp_error) == (554, b"5.5.1 No valid recipients")
+    finally:
+        fake.close()
+
+
+def test_downstream_is_closed_when_the_client_hangs_up_while_we_connect(harness, lt):
+    fake = FakeMTA(lt, delay=0.5)
+    try:
+        harness.reconfigure(smtp={"downstream": f"127.0.0.1:{fake.port}"})
+        sock = socket.create_connection(("127.0.0.1", harness.port), timeout=30)
+        sock.recv(1000)
+        sock.send(b"HELO client.test\r\nMAIL FROM:<a@example.org>\r\n")
+        assert _wait_for(lambda: fake.opened == 1)
+        sock.close()
+        assert _wait_for(lambda: fake.closed == 1)
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize("harness", [{"smtp": {"command_timeout": 0.5}}], indirect=True)
+def test_a_session_that_only_sends_noop_and_rset_is_closed(harness):
+    conn = harness.client()
+    conn.ehlo()
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        for _ in range(40):  # 4 s, eight times command_timeout
+            conn.noop()
+            conn.rset()
+            time.sleep(0.1)
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    "harness", [{"smtp": {"max_message_size": 10_000, "max_bytes_in_flight": 10_000}}], indirect=True
+)
+def test_bytes_in_flight_are_bounded_for_all_sessions_together(harness):
+    with RawClient(harness.port, TRANSACTION) as slow:
+        assert [r[:3] for r in slow.replies(3)] == [b"250", b"250", b"354"]
+        first = make_message("slow", body=b"x" * 70 + b"\r\n") + b"y" * 7000 + b"\r\n"
+        slow.send(first)
+        assert _wait_for(lambda: harness.proxy.bytes_in_flight == len(first))
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            harness.send(make_message("other", body=b"z" * 5000 + b"\r\n"))
+        assert (err.value.smtp_code, err.value.smtp_error[:5]) == (451, b"4.3.1")
+        slow.send(b".\r\n")
+        assert slow.replies(1)[0][:3] == b"250"
+    assert harness.proxy.bytes_in_flight == 0
+    assert harness.send(make_message("later", body=b"z" * 5000 + b"\r\n")) == {}
+
+
+def test_a_non_utf8_address_is_refused_at_rcpt(harness):
+    with RawClient(harness.port, b"MAIL FROM:<a@example.org>\r\nRCPT TO:<\xff@example.net>\r\n") as sock:
+        assert sock.replies(2)[1] == b"553 5.1.3 Recipient address is not valid UTF-8"
+    with RawClient(harness.port, b"MAIL FROM:<\xfe@example.org>\r\n") as sock:
+        assert sock.replies(1) == [b"553 5.1.7 Sender address is not valid UTF-8"]
+
+
+@pytest.mark.parametrize("harness", [{"smtp": {"batch_wait_ms": 1500}}], indirect=True)
+def test_one_message_that_breaks_the_engine_does_not_fail_its_batch(harness):
+    engine = harness.proxy.runtime.engine
+
+    def poisoned(raws, envelopes):
+        if any(b"poison" in raw for raw in raws):
+            raise UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogates not allowed")
+        return FilterEngine.check_many(engine, raws, envelopes)
+
+    engine.check_many = poisoned
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda tag: harness.send(make_message(tag)), ["poison", "good"]))
+    assert harness.proxy.metrics.batches == 1  # both were in one batch
+    statuses = {
+        r.content.split(b"Message-ID: <", 1)[1].split(b"@", 1)[0]: re.search(
+            rb"X-Spam-Status: (\w+)", r.content
+        )[1]
+        for r in harness.sink.received
+    }
+    assert statuses == {b"poison": b"unchecked", b"good": b"No"}
+
+
+SHIPPED_RULES = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())["rules"]
+
+
+@pytest.mark.parametrize("harness", [{"rules": SHIPPED_RULES}], indirect=True)
+def test_shipped_config_gtube_to_postmaster_and_users_filters_the_users(harness):
+    gtube = make_message("gtube", body=b"test\r\n" + GTUBE + b"\r\n")
+    rcpts = ["bob@example.net", "carol@example.net", "postmaster@example.net"]
+    assert harness.send(gtube, rcpts=rcpts) == {}
+    users, postmaster = harness.sink.received
+    assert users.rcpt_tos == ["bob@example.net", "carol@example.net"]
+    assert b"X-Spam-Flag: YES\r\n" in users.content
+    assert b"\r\nSubject: [SPAM] test gtube\r\n" in users.content
+    assert postmaster.rcpt_tos == ["postmaster@example.net"]
+    assert b"X-Spam-Flag: NO\r\n" in postmaster.content and b"rule=postmaster" in postmaster.content
+    assert split(users.content)[1] == split(postmaster.content)[1] == split(gtube)[1]
+
+
+REJECT_BUT_POSTMASTER = [
+    {"match": {"recipient_in": ["postmaster@*"]}, "actions": ["accept"]},
+    {"match": {"verdict": "spam"}, "actions": [{"reject": "No spam"}]},
+]
+
+
+@pytest.mark.parametrize("harness", [{"rules": REJECT_BUT_POSTMASTER}], indirect=True)
+def test_smtp_keeps_recipients_the_rules_may_answer_differently_apart(harness):
+    gtube = make_message("gtube", body=GTUBE + b"\r\n")
+    with harness.client() as conn:
+        conn.ehlo()
+        assert conn.mail("alice@example.org")[0] == 250
+        assert conn.rcpt("bob@example.net")[0] == 250
+        assert conn.rcpt("carol@example.net")[0] == 250  # same policy as bob
+        assert conn.rcpt("postmaster@example.net") == (452, OTHER_POLICY[4:].encode())
+        assert conn.data(gtube)[0] == 554
+        assert conn.sendmail("alice@example.org", ["postmaster@example.net"], gtube) == {}
+    (got,) = harness.sink.received
+    assert got.rcpt_tos == ["postmaster@example.net"]
+
+
+@pytest.mark.parametrize("harness", [{"lmtp": True, "rules": REJECT_BUT_POSTMASTER}], indirect=True)
+def test_lmtp_answers_each_recipient_by_its_own_rule(harness):
+    with harness.client(lmtp=True) as conn:
+        conn.ehlo()
+        conn.mail("alice@example.org")
+        for rcpt in ("bob@example.net", "postmaster@example.net", "carol@example.net"):
+            assert conn.rcpt(rcpt)[0] == 250
+        assert conn.data(make_message("gtube", body=GTUBE + b"\r\n"))[0] == 554
+        assert [conn.getreply()[0] for _ in range(2)] == [250, 554]
+    (got,) = harness.sink.received
+    assert got.rcpt_tos == ["postmaster@example.net"]
+    assert b"X-Spam-Flag: NO" in got.content
+
+
+@pytest.mark.parametrize("dsn", [True, False])
+def test_ehlo_announces_dsn_exactly_when_downstream_does(lt, harness, dsn):
+    harness.sink.handler.dsn = dsn
+    with harness.client() as conn:
+        conn.ehlo()
+        assert conn.has_extn("dsn") is dsn
+
+
+@pytest.mark.parametrize("harness", [{"thresholds": SPAM, "rules": REDIRECT}], indirect=True)
+def test_an_unknown_redirect_address_fails_the_check_of_the_config(harness):
+    config = harness.proxy.runtime.config
+    harness.lt.run(harness.proxy.verify(config))  # downstream knows it
+    harness.sink.handler.rcpt_replies["quarantine@example.net"] = "550 5.1.1 User unknown"
+    with pytest.raises(QuarantineError, match=r"quarantine@example.net: 550 5.1.1 User unknown"):
+        harness.lt.run(harness.proxy.verify(config))
+    harness.sink.stop()  # a downstream that is down only warns: it may start after us
+    harness.lt.run(harness.proxy.verify(config))
+
+
+def test_after_a_refused_data_command_the_session_goes_on(harness, lt):
+    fake = FakeMTA(lt, data_reply=b"451 4.3.0 Try later\r\n")
+    try:
+        harness.reconfigure(smtp={"downstream": f"127.0.0.1:{fake.port}"})
+        with harness.client() as conn:
+            for tag in ("one", "two"):
+                with pytest.raises(smtplib.SMTPDataError) as err:
+                    conn.sendmail("a@example.org", ["b@example.net"], make_message(tag))
+                assert err.value.smtp_code == 451
+        assert fake.opened == 1
+        assert fake.commands.count(b"DATA") == 2
+        assert fake.commands[fake.commands.index(b"DATA") + 1] == b"RSET"  # no nested MAIL next
+    finally:
+        fake.close()
