@@ -340,6 +340,10 @@ def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainRe
     temperature that comes with it makes P(spam) a probability. Same seed, same model on a CPU.
     """
     torch.manual_seed(config.seed)
+    # CPU kernels that sum over threads (the embedding rows' backward) otherwise let two runs of one
+    # seed drift apart; the deterministic ones cost no measurable time here. warn_only: CUDA ops
+    # without a deterministic version warn instead of failing.
+    torch.use_deterministic_algorithms(True, warn_only=True)
     device = resolve_device(config.device)
     # `auto` is fp32 on a CPU, which also keeps a seed's results bit-for-bit repeatable.
     precision = resolve_precision(config.precision, device)
