@@ -7,6 +7,7 @@ module must not import torch: `check-config` runs on machines where loading a mo
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -65,7 +66,7 @@ class MessageConfig:
 
 @dataclass(frozen=True)
 class SmtpConfig:
-    listen: str = "127.0.0.1:10025"
+    listen: str | None = "127.0.0.1:10025"  # None = no SMTP door (spamd only)
     downstream: str = "127.0.0.1:10026"
     protocol: str = "smtp"  # smtp | lmtp, spoken to clients and downstream alike
     max_message_size: int = 26_214_400
@@ -79,6 +80,19 @@ class SmtpConfig:
     on_classifier_error: str = "pass"  # pass | tempfail
     batch_wait_ms: int = 10
     workers: int = 1
+
+
+@dataclass(frozen=True)
+class SpamdConfig:
+    """The spamd-protocol door (spamc, Exim `spamd_address`); off while `listen` is empty."""
+
+    listen: tuple[str, ...] = ()  # each host:port or unix:/path
+    # Client networks a TCP door answers; None = loopback only (and loopback addresses only).
+    allowed_networks: tuple[str, ...] | None = None
+    socket_mode: str = "0660"  # permissions of Unix sockets
+    max_message_size: int = 26_214_400
+    max_connections: int = 50
+    read_timeout: float = 30  # seconds a client has to send its whole request
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,7 @@ class Config:
     message: MessageConfig = field(default_factory=MessageConfig)
     rules: tuple[Rule, ...] = ()
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    spamd: SpamdConfig = field(default_factory=SpamdConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: Path | None = None  # the file it was read from; None = built-in defaults
@@ -195,6 +210,11 @@ def config_to_dict(config: Config) -> dict[str, Any]:
         "message": {"max_bytes": config.message.max_bytes},
         "rules": [_rule_to_dict(rule, i) for i, rule in enumerate(config.rules)],
         "smtp": {name: getattr(config.smtp, name) for name in SmtpConfig.__dataclass_fields__},
+        "spamd": {
+            "listen": list(config.spamd.listen),
+            "allowed_networks": _optional_list(config.spamd.allowed_networks),
+            **{name: getattr(config.spamd, name) for name in list(SpamdConfig.__dataclass_fields__)[2:]},
+        },
         "http": {"listen": config.http.listen},
         "logging": {"level": config.logging.level, "format": config.logging.format},
     }
@@ -283,14 +303,18 @@ def _kind(value: Any) -> str:
 
 
 def _build(data: Any, source: Path | None, model_override: Path | None) -> Config:
-    root = _Section(data, "", ("model", "thresholds", "message", "rules", "smtp", "http", "logging"))
+    root = _Section(data, "", ("model", "thresholds", "message", "rules", "smtp", "spamd", "http", "logging"))
     base = source.parent if source else Path.cwd()
+    smtp, spamd = _smtp(root.get("smtp", None)), _spamd(root.get("spamd", None))
+    if smtp.listen is None and not spamd.listen:
+        raise ConfigError("smtp.listen is null and spamd.listen is empty: set at least one of them")
     return Config(
         model=_model(root.get("model", None), base, model_override),
         thresholds=_thresholds(root.get("thresholds", None)),
         message=_message(root.get("message", None)),
         rules=parse_rules(root.get("rules", None)),
-        smtp=_smtp(root.get("smtp", None)),
+        smtp=smtp,
+        spamd=spamd,
         http=_http(root.get("http", None)),
         logging=_logging(root.get("logging", None)),
         source=source,
@@ -349,7 +373,7 @@ def _smtp(data: Any) -> SmtpConfig:
             "or no message of the largest size could ever pass"
         )
     return SmtpConfig(
-        listen=s.host_port("listen", d.listen),
+        listen=s.host_port("listen", d.listen) if s.get("listen", d.listen) not in (None, "") else None,
         downstream=s.host_port("downstream", d.downstream),
         protocol=s.choice("protocol", d.protocol, ("smtp", "lmtp")),
         max_message_size=s.integer("max_message_size", d.max_message_size),
@@ -364,6 +388,73 @@ def _smtp(data: Any) -> SmtpConfig:
         batch_wait_ms=s.integer("batch_wait_ms", d.batch_wait_ms, minimum=0),
         workers=s.integer("workers", d.workers),
     )
+
+
+def split_spamd_address(value: str) -> tuple[str, int] | str:
+    """`unix:/path` → the path; `host:port` → (host, port); ValueError with the reason otherwise."""
+    if value.startswith("unix:"):
+        path = value.removeprefix("unix:")
+        if not path.startswith("/"):
+            raise ValueError(f"expected an absolute path after unix:, got {value!r}")
+        return path
+    try:
+        return split_host_port(value)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; or unix:/path for a Unix socket") from None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _spamd(data: Any) -> SpamdConfig:
+    d = SpamdConfig()
+    s = _Section(data, "spamd", SpamdConfig.__dataclass_fields__)
+    listen = tuple(_string_list(s.get("listen", []), s.key("listen"))) if s.get("listen", []) else ()
+    networks = None
+    if s.get("allowed_networks", None) is not None:
+        networks = _string_list(s.get("allowed_networks", None), s.key("allowed_networks"))
+        for i, network in enumerate(networks):
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"{s.key('allowed_networks')}[{i}]: expected a network such as 192.0.2.0/24,"
+                    f" got {network!r}"
+                ) from None
+    for i, address in enumerate(listen):
+        key = f"{s.key('listen')}[{i}]"
+        try:
+            where = split_spamd_address(address)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        if isinstance(where, tuple) and networks is None and not is_loopback(where[0]):
+            raise ConfigError(
+                f"{key}: {where[0]} is not a loopback address; list the client networks allowed to"
+                " connect in spamd.allowed_networks (like spamd's --allowed-ips)"
+            )
+    mode = s.get("socket_mode", d.socket_mode)
+    if not isinstance(mode, str) or not re.fullmatch(r"0?[0-7]{3}", mode):
+        raise ConfigError(
+            f'{s.key("socket_mode")}: expected an octal mode in quotes, e.g. "0660"; got {mode!r}'
+        )
+    return SpamdConfig(
+        listen=listen,
+        allowed_networks=networks,
+        socket_mode=mode,
+        max_message_size=s.integer("max_message_size", d.max_message_size),
+        max_connections=s.integer("max_connections", d.max_connections),
+        read_timeout=s.number("read_timeout", d.read_timeout),
+    )
+
+
+def _optional_list(values: tuple[str, ...] | None) -> list[str] | None:
+    return None if values is None else list(values)
 
 
 def _http(data: Any) -> HttpConfig:

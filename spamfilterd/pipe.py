@@ -1,7 +1,9 @@
 """Pipe mode: `spamfilterd classify` for MDAs and scripts, and `spamfilterd check-config`.
 
 Exit codes are the interface here (procmail, maildrop and Postfix `pipe` read them), so every
-path out of these commands ends in one of the documented codes, never a traceback.
+path out of these commands ends in one of the documented codes, never a traceback. When the
+daemon's spamd door is reachable `classify` only asks it (spamfilterd.spamc); torch is imported
+only when it must classify in-process.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 import yaml
 
-from spamfilterd import __version__
 from spamfilterd.config import (
     EXIT_CONFIG_ERROR,
     Config,
@@ -31,12 +32,15 @@ from spamfilterd.scores import score_on_grid
 
 if TYPE_CHECKING:
     from spamfilterd.engine import CheckResult, FilterEngine
+    from spamfilterd.spamc import SpamdClient
 
 EXIT_SPAM, EXIT_HAM, EXIT_UNSURE, EXIT_ERROR = 0, 1, 2, 3
 EX_USAGE = 64  # sysexits.h; click's own 2 would read as "unsure"
 EX_TEMPFAIL = 75  # sysexits.h: the MDA keeps the message and retries
 VERDICT_EXIT = {"spam": EXIT_SPAM, "ham": EXIT_HAM, "unsure": EXIT_UNSURE}
 TEMPFAIL_FLAG = "--tempfail-on-error"
+# How long the thin client waits for the daemon's answer before falling back.
+DAEMON_TIMEOUT_S = 60.0
 
 
 class _PipeCommand(click.Command):
@@ -87,6 +91,16 @@ _model_option = click.option(
 @click.option(TEMPFAIL_FLAG, "tempfail", is_flag=True, help="Exit 75 (EX_TEMPFAIL) on any error.")
 @click.option("--sender", default="", help="Envelope sender, for rules that match on it.")
 @click.option("--recipient", "recipients", multiple=True, help="Envelope recipient (repeatable).")
+@click.option(
+    "--daemon",
+    metavar="ADDRESS",
+    help="Ask the daemon at host:port or unix:/path [default: the config's first spamd.listen].",
+)
+@click.option(
+    "--no-fallback",
+    is_flag=True,
+    help="Daemon unreachable: exit 75, or with --filter pass the message unchanged; never load the model.",
+)
 def classify(
     inputs: tuple[str, ...],
     config_path: Path | None,
@@ -96,17 +110,23 @@ def classify(
     tempfail: bool,
     sender: str,
     recipients: tuple[str, ...],
+    daemon: str | None,
+    no_fallback: bool,
 ) -> None:
     """Classify messages: exit 0 spam, 1 ham, 2 unsure, 3 error (one message; see README)."""
     if filter_mode and len(inputs) != 1:
         _exit("--filter reads exactly one message (- for stdin, or one FILE)", EX_USAGE, tempfail)
     envelope = Envelope(mail_from=sender, rcpt_tos=recipients)
     try:
-        config = load_config(config_path, model_path)
-        engine = _load_engine(config)
+        engine = _Classifier(config_path, model_path, daemon, no_fallback)
         if filter_mode:
-            result = engine.check(_read_one(inputs[0]), envelope)
-            sys.stdout.buffer.write(result.message)
+            raw = _read_one(inputs[0])
+            try:
+                message = engine.check(raw, envelope).message
+            except _NoDaemon as exc:  # --no-fallback: the message goes on unchanged, like spamc's
+                click.echo(f"spamfilterd: {exc}; message passed on unchanged", err=True)
+                message = raw
+            sys.stdout.buffer.write(message)
             sys.stdout.buffer.flush()
             return
         code = _classify_many(engine, inputs, envelope, fmt or ("text" if inputs == ("-",) else "jsonl"))
@@ -135,10 +155,95 @@ def check_config(config_path: Path | None, model_path: Path | None) -> None:
         spam, unsure = effective_thresholds(config, card)
     except ConfigError as exc:
         _exit(str(exc), EXIT_CONFIG_ERROR, False)
+    from spamfilterd import __version__
+
     source = config.source or "built-in defaults (no config file found)"
     click.echo(f"# spamfilterd {__version__}: effective configuration from {source}")
     click.echo(f"# thresholds in effect: spam={spam:g} unsure={unsure:g} (null below = from the model card)")
     click.echo(yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True), nl=False)
+
+
+class _NoDaemon(_Failure):
+    """--no-fallback and the daemon did not answer: exit 75, the MDA keeps the message."""
+
+    def __init__(self, message: str):
+        super().__init__(message, EX_TEMPFAIL)
+
+
+class _Classifier:
+    """The daemon when one answers, else the in-process engine, loaded only when first needed.
+
+    The daemon is asked when --daemon names it, or when the config lists a spamd.listen address
+    and no --model asks for a particular checkpoint. With --daemon the config is read only for a
+    fallback, so a user who may not read /etc/spamfilterd/config.yaml can still use the daemon.
+    """
+
+    def __init__(
+        self, config_path: Path | None, model_path: Path | None, daemon: str | None, no_fallback: bool
+    ):
+        self._config_path, self._model_path = config_path, model_path
+        self._config: Config | None = None
+        self._engine: FilterEngine | None = None
+        self.no_fallback = no_fallback
+        if daemon is None and model_path is None:
+            daemon = _configured_daemon(self.config)
+        self.client: SpamdClient | None = None
+        if daemon is not None:
+            from spamfilterd.spamc import SpamdClient
+
+            try:
+                self.client = SpamdClient(daemon, DAEMON_TIMEOUT_S)
+            except ValueError as exc:
+                raise _Failure(f"--daemon: {exc}", EX_USAGE) from None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self._config_path, self._model_path)
+        return self._config
+
+    @property
+    def model_id(self) -> str:
+        return self.client.model_id if self.client is not None else self._local().model_id
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.model.batch_size if self.client is None else 16
+
+    def check(self, raw: bytes, envelope: Envelope):
+        return self._ask(lambda remote: remote.check(raw, envelope), lambda local: local.check(raw, envelope))
+
+    def check_many(self, raws: list[bytes], envelopes: list[Envelope]):
+        return self._ask(
+            lambda remote: remote.check_many(raws, envelopes), lambda local: local.check_many(raws, envelopes)
+        )
+
+    def _ask(self, remote, local):
+        if self.client is None and self.no_fallback:
+            raise _NoDaemon("--no-fallback: no daemon to ask (give --daemon, or set spamd.listen)")
+        if self.client is not None:
+            from spamfilterd.spamc import DaemonUnavailable
+
+            try:
+                return remote(self.client)
+            except DaemonUnavailable as exc:
+                reason = f"the daemon at {self.client.address} did not answer: {exc}"
+                if self.no_fallback:
+                    raise _NoDaemon(reason) from None
+                click.echo(f"spamfilterd: {reason}; classifying in-process (slow)", err=True)
+                self.client = None
+        return local(self._local())
+
+    def _local(self) -> FilterEngine:
+        if self._engine is None:
+            self._engine = _load_engine(self.config)
+        return self._engine
+
+
+def _configured_daemon(config: Config) -> str | None:
+    """The config's spamd address for this host: a Unix socket first, else the first TCP one."""
+    listen = config.spamd.listen
+    return next((a for a in listen if a.startswith("unix:")), listen[0] if listen else None)
 
 
 def _load_engine(config: Config) -> FilterEngine:
@@ -161,12 +266,12 @@ def _read_one(name: str) -> bytes:
 
 def _messages(inputs: tuple[str, ...], errors: list[str]) -> Iterator[tuple[str, bytes]]:
     """Every message of every input; an unreadable input is reported and skipped, not fatal."""
-    from spamfilterd.mailsource import MailSourceError, iter_messages
-
     for name in inputs:
         if name == "-":
             yield "-", _read_one("-")
             continue
+        from spamfilterd.mailsource import MailSourceError, iter_messages
+
         try:
             yield from iter_messages(Path(name))
         except MailSourceError as exc:  # its message names the path and what to pass instead
@@ -188,18 +293,18 @@ def _chunks(messages: Iterator[tuple[str, bytes]], size: int) -> Iterator[list[t
         yield chunk
 
 
-def _classify_many(engine: FilterEngine, inputs: tuple[str, ...], envelope: Envelope, fmt: str) -> int:
+def _classify_many(engine: _Classifier, inputs: tuple[str, ...], envelope: Envelope, fmt: str) -> int:
     """Classify in model-sized batches; the verdict's exit code for one message, else 0 (3 on errors)."""
-    from tqdm import tqdm
-
     errors: list[str] = []
     records: list[dict] = []
     count = 0
     last_verdict = "ham"
-    progress = tqdm(unit="msg", file=sys.stderr, disable=not sys.stderr.isatty() or inputs == ("-",))
-    for chunk in _chunks(_messages(inputs, errors), engine.config.model.batch_size):
+    progress = _progress(enabled=sys.stderr.isatty() and inputs != ("-",))
+    for chunk in _chunks(_messages(inputs, errors), engine.batch_size):
         try:
             results = engine.check_many([raw for _, raw in chunk], [envelope] * len(chunk))
+        except (_Failure, ConfigError):
+            raise
         except Exception as exc:
             first = chunk[0][0]
             raise _Failure(f"classifier failed on a batch starting with {first}: {exc}") from exc
@@ -218,6 +323,23 @@ def _classify_many(engine: FilterEngine, inputs: tuple[str, ...], envelope: Enve
     if errors:
         return EXIT_ERROR
     return VERDICT_EXIT[last_verdict] if count == 1 else 0
+
+
+class _NoProgress:
+    def update(self, _n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(enabled: bool):
+    """A tqdm bar on a terminal; tqdm is not even imported otherwise (thin-client start-up time)."""
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(unit="msg", file=sys.stderr)
 
 
 def _record(name: str, result: CheckResult, model_id: str, required: float) -> dict:

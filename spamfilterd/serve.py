@@ -31,6 +31,7 @@ from spamfilterd.config import (
 from spamfilterd.http import HealthServer, Metrics
 from spamfilterd.readiness import not_ready_reason
 from spamfilterd.smtp import QuarantineError, Runtime, SmtpProxy, build_runtime
+from spamfilterd.spamd import SpamdServer
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +96,18 @@ def setup_logging(config: LoggingConfig) -> None:
 
 
 class Daemon:
-    """Owns the running proxy, the health endpoint and the config; reacts to signals."""
+    """Owns the running doors (SMTP proxy, spamd), the health endpoint and the config; reacts to signals.
+
+    The SMTP proxy object holds the runtime even when `smtp.listen` is off; the spamd door reads
+    it from there, so one SIGHUP swaps the model for both doors.
+    """
 
     def __init__(self, config_path: Path | None, model_path: Path | None, runtime: Runtime, metrics: Metrics):
         self.config_path = config_path
         self.model_path = model_path
         self.metrics = metrics
         self.proxy = SmtpProxy(runtime, metrics)
+        self.spamd = SpamdServer(lambda: self.proxy.runtime, metrics)
         self.health = HealthServer(metrics, readiness=lambda: not_ready_reason(self.proxy))
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -113,47 +119,50 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        host, port = split_host_port(self.config.smtp.listen)
+        doors = []
+        if self.config.smtp.listen:  # the downstream probe concerns the SMTP door only
+            try:
+                await self.proxy.verify(self.config)
+            except QuarantineError as exc:
+                log.error("%s", exc)
+                return EXIT_CONFIG_ERROR
         try:
-            await self.proxy.verify(self.config)
-        except QuarantineError as exc:
-            log.error("%s", exc)
-            return EXIT_CONFIG_ERROR
-        try:
-            bound = await self.proxy.start(host, port)
+            if self.config.smtp.listen:
+                bound = await self.proxy.start(*split_host_port(self.config.smtp.listen))
+                protocol = self.config.smtp.protocol.upper()
+                doors.append(f"{protocol} on {bound[0]}:{bound[1]} relaying to {self.config.smtp.downstream}")
+            if self.config.spamd.listen:
+                spamd_bound = await self.spamd.start(self.config.spamd.listen, self.config.spamd.socket_mode)
+                doors.append(f"spamd protocol on {', '.join(spamd_bound)}")
             if self.config.http.listen:
                 http_bound = await self.health.start(*split_host_port(self.config.http.listen))
                 log.info("health and metrics on http://%s:%d/", *http_bound)
         except OSError as exc:  # typically: the address is in use or not ours to bind
             log.error(
-                "cannot listen (smtp.listen %s, http.listen %s): %s",
+                "cannot listen (smtp.listen %s, spamd.listen %s, http.listen %s): %s",
                 self.config.smtp.listen,
+                ", ".join(self.config.spamd.listen) or "off",
                 self.config.http.listen,
                 exc,
             )
+            await self.spamd.shutdown(0)
             return EXIT_FAILURE
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._spawn_reload)
         self.metrics.model_id = self.proxy.runtime.engine.model_id
         self.metrics.ready = True
-        protocol = self.config.smtp.protocol.upper()
-        log.info(
-            "spamfilterd %s serving %s on %s:%d, relaying to %s, model %s",
-            __version__,
-            protocol,
-            *bound,
-            self.config.smtp.downstream,
-            self.metrics.model_id,
-        )
-        sd_notify(f"READY=1\nSTATUS=serving {protocol} on {bound[0]}:{bound[1]}\nMAINPID={os.getpid()}")
+        serving = "; ".join(doors)
+        log.info("spamfilterd %s serving %s, model %s", __version__, serving, self.metrics.model_id)
+        sd_notify(f"READY=1\nSTATUS=serving {serving}\nMAINPID={os.getpid()}")
         await self._stop.wait()
 
         sd_notify("STOPPING=1")
         self.metrics.ready = False
         grace = self.config.smtp.data_timeout + DRAIN_MARGIN_S
         log.info("stopping: no new connections, finishing open transactions (up to %.0f s)", grace)
-        clean = await self.proxy.shutdown(grace)
+        clean_spamd, clean_smtp = await asyncio.gather(self.spamd.shutdown(grace), self.proxy.shutdown(grace))
+        clean = clean_spamd and clean_smtp
         if not clean:
             log.warning("cut sessions still open after %.0f s; their clients got no reply, will retry", grace)
         await self.health.close()
@@ -194,6 +203,8 @@ class Daemon:
     def _warn_restart_only(self, new: Config) -> None:
         for name, before, after in (
             ("smtp.listen", self.config.smtp.listen, new.smtp.listen),
+            ("spamd.listen", self.config.spamd.listen, new.spamd.listen),
+            ("spamd.socket_mode", self.config.spamd.socket_mode, new.spamd.socket_mode),
             ("http.listen", self.config.http.listen, new.http.listen),
         ):
             if before != after:
@@ -214,7 +225,7 @@ class Daemon:
     help="Checkpoint directory or file; overrides model.checkpoint (also on reload).",
 )
 def serve(config_path: Path | None, model_path: Path | None) -> None:
-    """Run the SMTP/LMTP filtering proxy (see README, SMTP proxy): SIGHUP reloads, SIGTERM stops."""
+    """Run the SMTP/LMTP proxy and the spamd door (README): SIGHUP reloads, SIGTERM stops."""
     try:
         config = load_config(config_path, model_path)
     except ConfigError as exc:

@@ -58,7 +58,7 @@ def test_exec_start_runs_the_serve_command_with_options_that_exist():
     argv = shlex.split(settings(SERVICE)["ExecStart"][0])
     assert argv[0] == "/opt/spamfilterd/bin/spamfilterd"
     assert argv[1] == "serve"
-    options = {opt for param in main.commands["serve"].params for opt in param.opts}
+    options = {opt for param in main.get_command(None, "serve").params for opt in param.opts}
     assert {arg for arg in argv[2:] if arg.startswith("--")} <= options
 
 
