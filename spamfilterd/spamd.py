@@ -90,9 +90,15 @@ class Request:
         return Envelope(mail_from="" if sender == "<>" else sender, rcpt_tos=rcpts)
 
 
-async def read_request(reader: asyncio.StreamReader, limits: SpamdConfig) -> Request:
-    """Request line, headers and body, within the size limit; ProtocolError for anything wrong."""
-    line = await _line(reader)
+async def read_request(reader: asyncio.StreamReader, limits: SpamdConfig) -> Request | None:
+    """Request line, headers and body, within the size limit; ProtocolError for anything wrong.
+
+    None when the client hung up without sending anything (a connection check, a port scan).
+    """
+    try:
+        line = await _line(reader, first=True)
+    except EOFError:
+        return None
     parts = line.split()
     if len(parts) != 2 or not parts[1].startswith("SPAMC/"):
         raise ProtocolError(EX_PROTOCOL, f"bad request line: {line[:80]!r}")
@@ -120,13 +126,15 @@ async def read_request(reader: asyncio.StreamReader, limits: SpamdConfig) -> Req
     return request
 
 
-async def _line(reader: asyncio.StreamReader) -> str:
+async def _line(reader: asyncio.StreamReader, first: bool = False) -> str:
     try:
         raw = await reader.readuntil(b"\n")
     except asyncio.LimitOverrunError:
         raise ProtocolError(EX_PROTOCOL, f"header line longer than {MAX_LINE} bytes") from None
     except asyncio.IncompleteReadError as exc:
-        raise ProtocolError(EX_PROTOCOL, "connection closed in the middle of the request headers") from exc
+        if first and not exc.partial:
+            raise EOFError from None
+        raise ProtocolError(EX_PROTOCOL, "connection closed in the middle of the request headers") from None
     return raw.rstrip(b"\r\n").decode("utf-8", "replace")
 
 
@@ -246,7 +254,11 @@ def response(
 def answer(request: Request, result: CheckResult, spam_threshold: float, model_id: str) -> bytes:
     """The response to a checking request; protocol 1.2 and older get only the Spam header."""
     spam = is_spam(result)
-    score = spamd_score(result.decision.score, spam_threshold, spam)
+    score = (
+        2 * REQUIRED_SCORE
+        if result.decision.gtube
+        else spamd_score(result.decision.score, spam_threshold, spam)
+    )
     word = ("Yes" if spam else "No") if request.verb == "REPORT_IFSPAM" else ("True" if spam else "False")
     spam_header = ("Spam", f"{word} ; {score:.1f} / {REQUIRED_SCORE:.1f}")
     verb = request.verb
@@ -302,17 +314,17 @@ class SpamdServer:
         """Listen on every address (port 0 = any free port); returns what was bound, as text."""
         bound = []
         for address in addresses:
-            where = split_spamd_address(address)
-            if isinstance(where, str):
-                path = Path(where)
+            if address.startswith("unix:"):
+                path = Path(split_spamd_address(address))
                 _clear_stale_socket(path)
                 server = await asyncio.start_unix_server(self._serve, path=str(path), limit=MAX_LINE)
                 os.chmod(path, int(socket_mode, 8))
                 self._unix_paths.append(path)
                 bound.append(f"unix:{path}")
             else:
+                host, _, port = address.rpartition(":")  # validated by the config; port 0 = any
                 server = await asyncio.start_server(
-                    self._serve, where[0], where[1], limit=MAX_LINE, reuse_address=True
+                    self._serve, host.strip("[]"), int(port), limit=MAX_LINE, reuse_address=True
                 )
                 host, port = server.sockets[0].getsockname()[:2]
                 bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
@@ -352,7 +364,7 @@ class SpamdServer:
             if task is not None:
                 self._tasks.add(task)
             await self._handle(reader, writer, runtime)
-        except (ConnectionError, asyncio.CancelledError):
+        except (OSError, asyncio.CancelledError):
             pass  # the client went away, or shutdown cut a late request: it retries or falls back
         except Exception:  # a bug must cost this request only, never the daemon
             log.exception("spamd: request failed")
@@ -379,7 +391,7 @@ class SpamdServer:
             text = f"EX_TIMEOUT request not received within {limits.read_timeout:g} s (spamd.read_timeout)"
             await self._send(writer, response(EX_TIMEOUT, text=text))
             return
-        if request.verb == "SKIP":
+        if request is None or request.verb == "SKIP":
             return
         if request.verb == "PING":
             await self._send(writer, f"SPAMD/{PROTOCOL_VERSION} 0 PONG\r\n".encode())
@@ -417,8 +429,8 @@ class SpamdServer:
         if drain is not None and writer.can_write_eof():
             # Swallow what the client still sends, so closing does not reset the connection
             # before the client has read our error reply.
-            writer.write_eof()
             with contextlib.suppress(Exception):
+                writer.write_eof()
                 async with asyncio.timeout(_DRAIN_S):
                     while await drain.read(65536):
                         pass
