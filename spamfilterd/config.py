@@ -89,7 +89,7 @@ class SpamdConfig:
     listen: tuple[str, ...] = ()  # each host:port or unix:/path
     # Client networks a TCP door answers; None = loopback only (and loopback addresses only).
     allowed_networks: tuple[str, ...] | None = None
-    socket_mode: str = "0660"  # permissions of Unix sockets
+    socket_mode: str = "0666"  # permissions of Unix sockets: every local user, as a loopback port
     max_message_size: int = 26_214_400
     max_connections: int = 50
     read_timeout: float = 30  # seconds a client has to send its whole request

@@ -477,10 +477,12 @@ def _clear_stale_socket(path: Path) -> None:
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
-        if not path.parent.is_dir():
+        try:
+            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        except OSError as exc:
             raise OSError(
-                f"{path.parent} does not exist (systemd's RuntimeDirectory=spamfilterd creates"
-                f" /run/spamfilterd; elsewhere create the directory)"
+                f"cannot create {path.parent}: {exc.strerror} (systemd's RuntimeDirectory=spamfilterd"
+                " creates /run/spamfilterd; elsewhere create the directory)"
             ) from None
         return
     if not stat.S_ISSOCK(mode):

@@ -218,3 +218,48 @@ def test_a_redirect_address_downstream_refuses_stops_start_and_reload(
 
     refusing = Daemon(config, None, build_runtime(load_config(config), metrics), metrics)
     assert asyncio.run(refusing.run()) == 78  # EX_CONFIG: a restart cannot fix it, the admin can
+
+
+def spamd_check(socket_path: Path, message: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(socket_path))
+        sock.sendall(b"CHECK SPAMC/1.5\r\nContent-length: %d\r\n\r\n" % len(message) + message)
+        sock.shutdown(socket.SHUT_WR)
+        return b"".join(iter(lambda: sock.recv(4096), b""))
+
+
+def test_serve_with_only_the_spamd_door_reloads_and_removes_its_socket(tiny_checkpoint, tmp_path):
+    """smtp.listen: null — an Exim or pipe-only host; the socket's directory is created."""
+    notify = Notifications(tmp_path / "notify")
+    socket_path = tmp_path / "run" / "spamd.sock"
+    config, log = tmp_path / "config.yaml", tmp_path / "daemon.log"
+
+    def configure(thresholds):
+        data = {
+            "model": {"checkpoint": str(tiny_checkpoint), "device": "cpu", "threads": 1},
+            "thresholds": thresholds,
+            "smtp": {"listen": None},
+            "spamd": {"listen": [f"unix:{socket_path}"]},
+        }
+        config.write_text(yaml.safe_dump(data))
+
+    configure(SPAM)
+    proc = spamfilterd("serve", "--config", str(config), env={"NOTIFY_SOCKET": str(notify.path)}, log=log)
+    try:
+        ready = notify.wait_for("READY=1", START_TIMEOUT)
+        assert f"STATUS=serving spamd protocol on unix:{socket_path}" in ready
+        assert b"\r\nSpam: True ; " in spamd_check(socket_path, make_message("spamd-1"))
+        configure(HAM)
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("READY=1", 60)
+        assert b"\r\nSpam: False ; " in spamd_check(socket_path, make_message("spamd-2"))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.sock.close()
+    assert not socket_path.exists()
+    assert "door=spamd request=CHECK message_id=<spamd-2@test.example>" in log.read_text()

@@ -49,6 +49,7 @@ def test_service_is_a_notify_daemon_that_reloads_and_restarts():
     assert unit["RestartPreventExitStatus"] == ["78"]  # a bad config does not fix itself
     assert unit["StateDirectory"] == ["spamfilterd"]
     assert unit["ConfigurationDirectory"] == ["spamfilterd"]
+    assert unit["RuntimeDirectory"] == ["spamfilterd"]  # /run/spamfilterd: the spamd door's socket
     assert unit["DynamicUser"] == ["yes"]
     # Stop must outlast the drain: the per-message deadline plus the margin.
     assert seconds(unit["TimeoutStopSec"][0]) > SmtpConfig().data_timeout + DRAIN_MARGIN_S
