@@ -59,6 +59,18 @@ def test_repository_default_config_is_valid_and_round_trips(workdir):
     dumped = _write(workdir / "models", config_to_dict(config), "dumped.yaml")
     again = load_config(dumped)
     assert again.rules == config.rules and again.model == config.model and again.smtp == config.smtp
+    assert config.spamd.listen == ("unix:/run/spamfilterd/spamd.sock",)
+    assert again.spamd == config.spamd
+
+
+def test_smtp_door_may_be_off_when_the_spamd_door_is_on(workdir):
+    data = {"model": {"checkpoint": "models/default"}, "smtp": {"listen": None}}
+    data["spamd"] = {"listen": ["127.0.0.1:7830", "[::1]:7830"], "socket_mode": "0600"}
+    config = load_config(_write(workdir, data, "spamd-only.yaml"))
+    assert config.smtp.listen is None
+    assert config.spamd.listen == ("127.0.0.1:7830", "[::1]:7830")
+    dumped = load_config(_write(workdir, config_to_dict(config), "dumped.yaml"))
+    assert dumped.spamd == config.spamd and dumped.smtp == config.smtp
 
 
 def test_search_order_env_then_cwd(workdir, monkeypatch):
