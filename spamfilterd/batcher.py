@@ -1,9 +1,12 @@
 """Micro-batching: messages that arrive together are scored in one model call, off the event loop.
 
-A forward pass over a batch of 8 costs little more than over one message, so under load the
-proxy waits up to `batch_wait_ms` for companions (or until `batch_size` are queued) and hands
-the whole batch to `engine.check_many` on a small, bounded thread pool. The event loop keeps
-serving SMTP meanwhile; each caller waits at most `timeout` seconds for its own result.
+A forward pass over a batch of 8 costs little more than over one message. A message that finds
+a worker idle is scored at once (with whatever arrived in the same loop turn): waiting for
+companions that are not coming only adds latency, which a spamc or thin-client caller feels.
+While every worker is busy, messages gather until one is free, `batch_size` are queued, or
+`batch_wait_ms` has passed, and the batch goes to `engine.check_many` on a small, bounded
+thread pool. The event loop keeps serving meanwhile; each caller waits at most `timeout`
+seconds for its own result.
 
 Work that needs no model — a GTUBE test message, the `unchecked` header rewrite after a
 classifier failure — runs on a pool of its own, so a stuck or slow model never holds it up.
@@ -56,10 +59,12 @@ class Batcher:
         self._wait = max(0, wait_ms) / 1000
         self._timeout = timeout
         self._on_batch = on_batch
-        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="classify")
+        self._workers = max(1, workers)
+        self._busy = 0  # batches handed to the pool and not finished yet
+        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="classify")
         self._direct = ThreadPoolExecutor(max_workers=1, thread_name_prefix="no-model")
         self._pending: list[_Pending] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self.model_failing = False  # the last message the model was asked about got no answer
         self._probe: asyncio.Future | None = None
 
@@ -114,7 +119,8 @@ class Batcher:
         if len(self._pending) >= self._batch_size:
             self._flush()
         elif self._timer is None:
-            self._timer = loop.call_later(self._wait, self._flush)
+            idle = self._busy < self._workers
+            self._timer = loop.call_soon(self._flush) if idle else loop.call_later(self._wait, self._flush)
         try:
             async with asyncio.timeout(self._timeout):
                 return await asyncio.shield(item.future)
@@ -147,7 +153,14 @@ class Batcher:
         except RuntimeError as exc:  # the pool was shut down (a reload raced with this batch)
             work = loop.create_future()
             work.set_exception(exc)
-        work.add_done_callback(lambda done: _deliver(batch, done))
+        self._busy += 1
+        work.add_done_callback(lambda done: self._finished(batch, done))
+
+    def _finished(self, batch: list[_Pending], done: asyncio.Future) -> None:
+        self._busy -= 1
+        _deliver(batch, done)
+        if self._pending and self._busy < self._workers:  # what gathered meanwhile goes now
+            self._flush()
 
 
 def _retrieve(probe: asyncio.Future) -> None:

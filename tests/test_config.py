@@ -109,7 +109,8 @@ def test_model_override_replaces_config_checkpoint(workdir):
     [
         (
             {"modle": {}},
-            "modle: unknown key (expected one of: model, thresholds, message, rules, smtp, spamd, http, logging)",
+            "modle: unknown key (expected one of: model, thresholds, message, rules, smtp, spamd, http,"
+            " logging)",
         ),
         ({"smtp": {"listne": "x"}}, "smtp.listne: unknown key (expected one of: listen, downstream,"),
         (
