@@ -425,7 +425,9 @@ class SpamdServer:
         self, writer: asyncio.StreamWriter, data: bytes, drain: asyncio.StreamReader | None = None
     ):
         writer.write(data)
-        await writer.drain()
+        timeout = self._runtime().config.spamd.read_timeout
+        async with asyncio.timeout(timeout):  # a client that does not read its answer is cut off
+            await writer.drain()
         if drain is not None and writer.can_write_eof():
             # Swallow what the client still sends, so closing does not reset the connection
             # before the client has read our error reply.
@@ -452,7 +454,7 @@ class SpamdServer:
             "door": "spamd",
             "request": request.verb,
             "message_id": message_id(request.body),
-            "user": request.header("user") or "-",
+            "user": (request.header("user") or "-")[:100],
             "rcpts": len(envelope.rcpt_tos),
             "size": len(request.body),
             "verdict": verdict,

@@ -307,6 +307,14 @@ def test_a_stalled_client_gets_ex_timeout(door):
 
 @pytest.mark.parametrize("door", [{"thresholds": SPAM}], indirect=True)
 def test_concurrent_clients_all_get_their_own_answer_in_shared_batches(door):
+    classifier = door.runtime.engine.classifier
+
+    class Slow:  # each model call takes long enough for the other clients to queue up behind it
+        def score(self, texts):
+            time.sleep(0.2)
+            return classifier.score(texts)
+
+    door.runtime.engine.classifier = Slow()
     messages = [make_message(f"conc{i}") + f"unique {i}\r\n".encode() for i in range(24)]
     with ThreadPoolExecutor(12) as pool:
         answers = list(pool.map(lambda m: door.ask(aiospamc.process, m).body, messages))
@@ -321,7 +329,9 @@ def test_concurrent_clients_all_get_their_own_answer_in_shared_batches(door):
 def test_connections_over_the_limit_get_ex_tempfail(door):
     held = [socket.create_connection(("127.0.0.1", door.port)) for _ in range(2)]
     try:
-        time.sleep(0.2)  # let the server accept both
+        deadline = time.monotonic() + 10
+        while door.server.connections < 2 and time.monotonic() < deadline:  # both accepted
+            time.sleep(0.01)
         with socket.create_connection(("127.0.0.1", door.port)) as sock:  # answered before it asks
             sock.settimeout(10)
             answer = sock.recv(4096)
