@@ -44,7 +44,7 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     help="Show the version.",
 )
 def main() -> None:
-    """GPT-2 spam filter for mail and SMS: pipe filter (`classify`) and SMTP proxy (`serve`)."""
+    """GPT-2 spam filter for mail and SMS: pipe filter (`classify`), SMTP proxy and spamd door (`serve`)."""
 
 
 if __name__ == "__main__":

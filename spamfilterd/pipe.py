@@ -94,7 +94,7 @@ _model_option = click.option(
 @click.option(
     "--daemon",
     metavar="ADDRESS",
-    help="Ask the daemon at host:port or unix:/path [default: the config's first spamd.listen].",
+    help="Ask the daemon at host:port or unix:/path [default: from the config's spamd.listen].",
 )
 @click.option(
     "--no-fallback",
