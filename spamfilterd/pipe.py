@@ -207,6 +207,10 @@ class _Classifier:
         return self.client.model_id if self.client is not None else self._local().model_id
 
     @property
+    def spam_threshold(self) -> float:
+        return self.client.spam_threshold if self.client is not None else self._local().spam_threshold
+
+    @property
     def batch_size(self) -> int:
         return self.config.model.batch_size if self.client is None else 16
 

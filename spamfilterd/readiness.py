@@ -26,14 +26,15 @@ async def not_ready_reason(proxy: SmtpProxy) -> str | None:
         return "shutting down"
     smtp = proxy.runtime.config.smtp
     timeout = min(smtp.downstream_timeout, PROBE_TIMEOUT_S)
-    host, port = split_host_port(smtp.downstream)
-    try:
-        connection = await DownstreamConnection.open(
-            host, port, lmtp=smtp.protocol == "lmtp", helo_name=proxy.hostname, timeout=timeout
-        )
-    except DownstreamError as exc:
-        return f"downstream {smtp.downstream} unavailable: {exc}"
-    connection.quit()
+    if smtp.listen is not None:  # with the spamd door only, nothing is delivered downstream
+        host, port = split_host_port(smtp.downstream)
+        try:
+            connection = await DownstreamConnection.open(
+                host, port, lmtp=smtp.protocol == "lmtp", helo_name=proxy.hostname, timeout=timeout
+            )
+        except DownstreamError as exc:
+            return f"downstream {smtp.downstream} unavailable: {exc}"
+        connection.quit()
     if not await proxy.runtime.batcher.model_ready(timeout):
         return "the model does not answer: messages would go out unchecked or be tempfailed"
     return None

@@ -49,6 +49,7 @@ class SpamdClient:
         self.where = split_spamd_address(address)
         self.timeout = timeout
         self.model_id = ""
+        self.spam_threshold = 0.0  # the daemon's, as of its last answer
 
     def check_many(self, raws: list[bytes], envelopes: list[Envelope]) -> list[RemoteResult]:
         return [self._result("CHECK", raw, envelope) for raw, envelope in zip(raws, envelopes, strict=True)]
@@ -70,6 +71,7 @@ class SpamdClient:
             )
             result = RemoteResult(decision, response.body, int(record["text_chars"]), list(record["notes"]))
             self.model_id = str(record["model"])
+            self.spam_threshold = float(record["required"])
         except (KeyError, TypeError, ValueError) as exc:
             raise DaemonUnavailable(f"answer without a usable {RESULT_HEADER} header ({exc!r})") from None
         if decision.verdict == "unchecked":

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING
 
 from spamfilterd.batcher import ClassifierError
 from spamfilterd.config import SpamdConfig, split_spamd_address
-from spamfilterd.engine import CheckResult, FilterEngine
+from spamfilterd.engine import CheckResult
 from spamfilterd.rules import Decision, Envelope
+from spamfilterd.scores import score_text
 from spamfilterd.smtp import logfmt, message_id
 from spamfilterd.spamd_protocol import (
     EX_DATAERR,
@@ -204,7 +205,7 @@ def report(result: CheckResult, spam_threshold: float, model_id: str) -> str:
     """The REPORT body (Exim's $spam_report): the decision in words, one fact per line."""
     decision = result.decision
     lines = [
-        f"spamfilterd verdict: {decision.verdict} (P(spam) {decision.score:.3f},"
+        f"spamfilterd verdict: {decision.verdict} (P(spam) {score_text(decision.score)},"
         f" spam at {spam_threshold:.3f} or above)",
         f"rule: {decision.rule}; actions: {','.join(decision.actions)}",
         f"model: {model_id}",
@@ -213,11 +214,13 @@ def report(result: CheckResult, spam_threshold: float, model_id: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def result_record(result: CheckResult, model_id: str) -> dict:
+def result_record(result: CheckResult, spam_threshold: float, model_id: str) -> dict:
+    """The whole decision, for `spamfilterd classify` (RESULT_HEADER); floats survive JSON exactly."""
     decision = result.decision
     return {
         "verdict": decision.verdict,
         "score": decision.score,
+        "required": spam_threshold,
         "actions": list(decision.actions),
         "rule": decision.rule,
         "gtube": decision.gtube,
@@ -276,7 +279,9 @@ def answer(request: Request, result: CheckResult, spam_threshold: float, model_i
         return response(EX_OK, [spam_header], body)
     headers = [("Content-length", str(len(body))), spam_header]
     if (request.header(RESULT_HEADER) or "").lower() == "yes":
-        headers.append((RESULT_HEADER, json.dumps(result_record(result, model_id), ensure_ascii=True)))
+        headers.append(
+            (RESULT_HEADER, json.dumps(result_record(result, spam_threshold, model_id), ensure_ascii=True))
+        )
     return response(EX_OK, headers, body)
 
 
@@ -416,7 +421,9 @@ class SpamdServer:
                 self._record(runtime, request, envelope, None, "tempfailed", started)
                 await self._send(writer, response(EX_TEMPFAIL, text="EX_TEMPFAIL spam filter unavailable"))
                 return
-            result = await asyncio.to_thread(_unchecked_result, engine, request.body)
+            message = await runtime.batcher.unchecked(request.body)
+            decision = Decision(verdict="unchecked", score=0.0, actions=("accept",), rule="-")
+            result = CheckResult(decision, message, 0, ["classifier failed; message unchecked"])
         payload = answer(request, result, engine.spam_threshold, engine.model_id)
         self._record(runtime, request, envelope, result, "answered", started)
         await self._send(writer, payload)
@@ -458,7 +465,7 @@ class SpamdServer:
             "rcpts": len(envelope.rcpt_tos),
             "size": len(request.body),
             "verdict": verdict,
-            "score": "-" if decision is None else f"{decision.score:.3f}",
+            "score": "-" if decision is None else score_text(decision.score),
             "rule": "-" if decision is None else decision.rule,
             "spam": "-" if result is None else str(is_spam(result)).lower(),
             "action": action,
@@ -466,12 +473,6 @@ class SpamdServer:
             "model": runtime.engine.model_id,
         }
         log.info(logfmt(fields), extra={"fields": fields})
-
-
-def _unchecked_result(engine: FilterEngine, raw: bytes) -> CheckResult:
-    """on_classifier_error: pass — the message with X-Spam-Status: unchecked, not spam."""
-    decision = Decision(verdict="unchecked", score=0.0, actions=("accept",), rule="-")
-    return CheckResult(decision, engine.unchecked(raw), 0, ["classifier failed; message unchecked"])
 
 
 def _clear_stale_socket(path: Path) -> None:

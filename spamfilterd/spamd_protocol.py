@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from spamfilterd.scores import score_on_grid
+
 # sysexits.h codes used as spamd status codes.
 EX_OK = 0
 EX_USAGE = 64
@@ -48,7 +50,7 @@ def spamd_score(probability: float, spam_threshold: float, is_spam: bool) -> flo
     threshold itself lands on R = 5.0. Where the decision differs from the bare P (a GTUBE test
     message, a rule that tags or accepts) S is moved to the nearest value on the right side.
     """
-    p = min(1.0, max(0.0, probability))
+    p = min(1.0, max(0.0, score_on_grid(probability)))  # the value the verdict was decided on
     if p < spam_threshold:
         score = REQUIRED_SCORE * p / spam_threshold
     elif spam_threshold >= 1.0:

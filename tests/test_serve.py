@@ -234,13 +234,15 @@ def test_serve_with_only_the_spamd_door_reloads_and_removes_its_socket(tiny_chec
     notify = Notifications(tmp_path / "notify")
     socket_path = tmp_path / "run" / "spamd.sock"
     config, log = tmp_path / "config.yaml", tmp_path / "daemon.log"
+    http_port, nobody = free_port(), free_port()
 
     def configure(thresholds):
         data = {
             "model": {"checkpoint": str(tiny_checkpoint), "device": "cpu", "threads": 1},
             "thresholds": thresholds,
-            "smtp": {"listen": None},
+            "smtp": {"listen": None, "downstream": f"127.0.0.1:{nobody}"},  # no MTA: none needed
             "spamd": {"listen": [f"unix:{socket_path}"]},
+            "http": {"listen": f"127.0.0.1:{http_port}"},
         }
         config.write_text(yaml.safe_dump(data))
 
@@ -249,6 +251,7 @@ def test_serve_with_only_the_spamd_door_reloads_and_removes_its_socket(tiny_chec
     try:
         ready = notify.wait_for("READY=1", START_TIMEOUT)
         assert f"STATUS=serving spamd protocol on unix:{socket_path}" in ready
+        assert get(f"http://127.0.0.1:{http_port}/readyz") == "ready\n"
         assert b"\r\nSpam: True ; " in spamd_check(socket_path, make_message("spamd-1"))
         configure(HAM)
         proc.send_signal(signal.SIGHUP)
