@@ -184,7 +184,8 @@ class Daemon:
             try:
                 config = await asyncio.to_thread(load_config, self.config_path, self.model_path)
                 runtime = await asyncio.to_thread(build_runtime, config, self.metrics)
-                await self.proxy.verify(config)
+                if config.smtp.listen:  # the downstream probe concerns the SMTP door only
+                    await self.proxy.verify(config)
             except Exception as exc:  # any failure must leave the running config and model serving
                 self.metrics.reloads["failed"] += 1
                 log.error("reload failed, still serving the previous config and model: %s", exc)

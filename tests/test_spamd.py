@@ -239,8 +239,13 @@ def test_user_and_rspamd_style_envelope_headers_reach_the_rules(door):
     answer = door.raw(request("SYMBOLS", message, extra="From: <x@partner.example>\r\n"))
     assert b"Spam: False ; " in answer
     assert b"\r\n\r\nVERDICT_SPAM,RULE_TRUSTED,ACTION_ACCEPT,MODEL_TINY_TEST" in answer
-    answer = door.raw(request("CHECK", message, extra="Rcpt: carol@example.net, boss@example.net\r\n"))
+    # Several recipients: the first one's decision (the SMTP proxy splits per recipient).
+    answer = door.raw(request("CHECK", message, extra="Rcpt: boss@example.net, carol@example.net\r\n"))
     assert b"Spam: False ; " in answer
+    answer = door.raw(
+        request("CHECK", message, extra="Rcpt: carol@example.net\r\nRcpt: boss@example.net\r\n")
+    )
+    assert b"Spam: True ; " in answer
 
 
 def test_score_mapping_puts_s_at_or_above_r_exactly_for_spam():
