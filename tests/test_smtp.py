@@ -976,26 +976,32 @@ def test_a_non_utf8_address_is_refused_at_rcpt(harness):
         assert sock.replies(1) == [b"553 5.1.7 Sender address is not valid UTF-8"]
 
 
-@pytest.mark.parametrize("harness", [{"smtp": {"batch_wait_ms": 1500}}], indirect=True)
 def test_one_message_that_breaks_the_engine_does_not_fail_its_batch(harness):
     engine = harness.proxy.runtime.engine
+    batch_sizes = []
 
     def poisoned(raws, envelopes):
+        batch_sizes.append(len(raws))
+        if any(b"blocker" in raw for raw in raws):
+            time.sleep(1.0)  # keeps the one worker busy, so the next two messages gather into one batch
         if any(b"poison" in raw for raw in raws):
             raise UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogates not allowed")
         return FilterEngine.check_many(engine, raws, envelopes)
 
     engine.check_many = poisoned
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(3) as pool:
+        blocker = pool.submit(harness.send, make_message("blocker"))
+        assert _wait_for(lambda: batch_sizes == [1])
         list(pool.map(lambda tag: harness.send(make_message(tag)), ["poison", "good"]))
-    assert harness.proxy.metrics.batches == 1  # both were in one batch
+        blocker.result()
+    assert batch_sizes[:2] == [1, 2]  # the blocker alone, then poison and good in one batch
     statuses = {
         r.content.split(b"Message-ID: <", 1)[1].split(b"@", 1)[0]: re.search(
             rb"X-Spam-Status: (\w+)", r.content
         )[1]
         for r in harness.sink.received
     }
-    assert statuses == {b"poison": b"unchecked", b"good": b"No"}
+    assert statuses == {b"blocker": b"No", b"poison": b"unchecked", b"good": b"No"}
 
 
 SHIPPED_RULES = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())["rules"]
