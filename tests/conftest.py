@@ -38,3 +38,20 @@ def sms_corpus() -> Path:
     if not SMS_CORPUS.is_file():
         pytest.fail(f"{SMS_CORPUS} is missing: the tests expect ../shared beside the repository")
     return SMS_CORPUS
+
+
+@pytest.fixture(scope="module")
+def lt():
+    """An asyncio loop in a thread, for the SMTP and spamd doors (one per test module)."""
+    from tests.test_smtp import LoopThread
+
+    loop_thread = LoopThread()
+    yield loop_thread
+    loop_thread.close()
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_checkpoint):
+    from spamfilterd.classifier import SpamClassifier
+
+    return SpamClassifier.load(tiny_checkpoint, device="cpu", threads=1)

@@ -201,20 +201,6 @@ class Sink:
         return self.handler.received
 
 
-@pytest.fixture(scope="module")
-def lt():
-    loop_thread = LoopThread()
-    yield loop_thread
-    loop_thread.close()
-
-
-@pytest.fixture(scope="module")
-def classifier(tiny_checkpoint):
-    from spamfilterd.classifier import SpamClassifier
-
-    return SpamClassifier.load(tiny_checkpoint, device="cpu", threads=1)
-
-
 @dataclass
 class Harness:
     """One proxy with its sink; `reconfigure` swaps in a new config as a SIGHUP would."""

@@ -32,20 +32,6 @@ from tests.test_smtp import HAM, SPAM, LoopThread, make_message, split
 TIMEOUT = Timeout(total=30)
 
 
-@pytest.fixture(scope="module")
-def lt():
-    loop_thread = LoopThread()
-    yield loop_thread
-    loop_thread.close()
-
-
-@pytest.fixture(scope="module")
-def classifier(tiny_checkpoint):
-    from spamfilterd.classifier import SpamClassifier
-
-    return SpamClassifier.load(tiny_checkpoint, device="cpu", threads=1)
-
-
 @dataclass
 class Door:
     lt: LoopThread
