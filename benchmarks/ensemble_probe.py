@@ -17,8 +17,7 @@ from spamfilterd.classifier import encode_text
 from spamfilterd.tokenizer import get_tokenizer
 from trainer.calibration import fit_temperature
 from trainer.data import source_kind
-from trainer.metrics import choose_thresholds
-from trainer.pipeline import split_metrics
+from trainer.metrics import choose_thresholds, split_metrics
 from trainer.train import RECIPES, TrainConfig, _Batches, _margins, train
 
 

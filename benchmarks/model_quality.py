@@ -36,8 +36,8 @@ from train_recipes import parse_overrides
 from trainer.calibration import fit_temperature
 from trainer.crossval import FOLDS, pooled, stratified_folds
 from trainer.data import DataOptions, Splits, build_splits, source_kind
-from trainer.metrics import can_measure
-from trainer.pipeline import run_training, split_metrics
+from trainer.metrics import can_measure, split_metrics
+from trainer.pipeline import run_training
 from trainer.train import RECIPES, TrainConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

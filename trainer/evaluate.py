@@ -10,12 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from spamfilterd.classifier import SpamClassifier
-from spamfilterd.rules import verdict_for
-from spamfilterd.scores import score_on_grid, threshold_on_grid
-from trainer.calibration import brier_score, expected_calibration_error
 from trainer.data import read_labelled_csv, read_mail
 from trainer.errors import DataError
-from trainer.metrics import classification_metrics
+from trainer.metrics import split_metrics
 
 
 def load_labelled(test_csv: Path | None, ham: list[Path], spam: list[Path]) -> pd.DataFrame:
@@ -41,16 +38,10 @@ def evaluate(classifier: SpamClassifier, frame: pd.DataFrame) -> dict:
     started = time.perf_counter()
     scores = classifier.score(texts)
     seconds = time.perf_counter() - started
-    spam, unsure = (threshold_on_grid(t) for t in (classifier.spam_threshold, classifier.unsure_threshold))
-    verdicts = [verdict_for(score, spam, unsure) for score in scores]
-    # Scores on the printed grid, so the counts are exactly the verdicts the daemon would give.
-    metrics = classification_metrics(labels, [score_on_grid(score) for score in scores], spam)
+    thresholds = {"spam": classifier.spam_threshold, "unsure": classifier.unsure_threshold}
     return {
         "model": classifier.model_id,
-        **metrics,
-        "unsure": verdicts.count("unsure"),
-        "ece": expected_calibration_error(labels, scores),
-        "brier": brier_score(labels, scores),
+        **split_metrics(labels, scores, thresholds),
         "messages_per_second": len(texts) / seconds if seconds > 0 else float("inf"),
         "device": str(classifier.device),
     }

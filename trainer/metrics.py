@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from spamfilterd.scores import score_on_grid
+from spamfilterd.rules import verdict_for
+from spamfilterd.scores import score_on_grid, threshold_on_grid
+from trainer.calibration import brier_score, expected_calibration_error
 
 DEFAULT_MAX_FPR = 0.005
 DEFAULT_UNSURE_FPR = 0.05
@@ -46,6 +48,21 @@ def classification_metrics(labels: Sequence[int], scores: Sequence[float], thres
         "fpr": _ratio(fp, fp + tn),
         "confusion": counts,
         "threshold": threshold,
+    }
+
+
+def split_metrics(labels: Sequence[int], scores: Sequence[float], thresholds: dict[str, float]) -> dict:
+    """What the filter does to these messages, by the daemon's verdict rule at these thresholds:
+    metrics at the spam threshold, the unsure band, and calibration."""
+    spam, unsure = threshold_on_grid(thresholds["spam"]), threshold_on_grid(thresholds["unsure"])
+    unsure_count = [verdict_for(score, spam, unsure) for score in scores].count("unsure")
+    return {
+        # Scores on the printed grid, so the counts are exactly the verdicts the daemon gives.
+        **classification_metrics(labels, [score_on_grid(score) for score in scores], spam),
+        "unsure": unsure_count,
+        "unsure_share": unsure_count / len(scores) if len(scores) else 0.0,
+        "ece": expected_calibration_error(labels, scores),
+        "brier": brier_score(labels, scores),
     }
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from spamfilterd.checkpoint import save_checkpoint
-from trainer.calibration import ECE_BINS, brier_score, expected_calibration_error, reliability
+from trainer.calibration import ECE_BINS, reliability
 from trainer.crossval import FOLDS, cross_validated_scores
 from trainer.data import DataOptions, Splits, build_splits, source_kind
 from trainer.metrics import (
@@ -19,6 +19,7 @@ from trainer.metrics import (
     choose_thresholds,
     classification_metrics,
     roc_curve,
+    split_metrics,
 )
 from trainer.plots import plot_curves, plot_reliability, plot_test_scores
 from trainer.train import TrainConfig, TrainResult, config_dict, score_texts, train
@@ -47,18 +48,6 @@ def score_splits(result: TrainResult, splits: Splits) -> dict[str, tuple[list[in
             ),
         )
         for name, frame in splits.items()
-    }
-
-
-def split_metrics(labels: list[int], scores: list[float], thresholds: dict[str, float]) -> dict:
-    """What the filter does on one split: metrics at the spam threshold, the unsure band, calibration."""
-    unsure = sum(thresholds["unsure"] <= score < thresholds["spam"] for score in scores)
-    return {
-        **classification_metrics(labels, scores, thresholds["spam"]),
-        "unsure": unsure,
-        "unsure_share": unsure / len(scores) if scores else 0.0,
-        "ece": expected_calibration_error(labels, scores),
-        "brier": brier_score(labels, scores),
     }
 
 
@@ -129,7 +118,7 @@ def build_card(
         "thresholds": thresholds,
         "calibration": {
             "method": "temperature scaling: logits / T, T fitted to the validation NLL",
-            "selected_epoch": result.selected_epoch,
+            "selected_epoch": result.history.best_epoch,
             "selection": "the epoch with the lowest validation NLL after temperature scaling",
             "ece_bins": ECE_BINS,
         },

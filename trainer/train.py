@@ -27,7 +27,7 @@ from spamfilterd.classifier import (
 )
 from spamfilterd.model import GPTModel, last_positions
 from spamfilterd.tokenizer import get_tokenizer
-from trainer.calibration import calibrated_nll
+from trainer.calibration import calibrated_nll, logit_margins
 from trainer.data import Splits
 from trainer.model_setup import build_model, set_trainable
 
@@ -110,7 +110,6 @@ class TrainResult:
     precision: str
     temperature: float
     epochs: int
-    selected_epoch: int
 
 
 class WeightAverage:
@@ -326,9 +325,9 @@ def _margins(model, batches, device, precision) -> np.ndarray:
         ids, last, _ = batches.batch(rows, device)
         with autocast_for(device, precision):
             logits = model(ids, last).float()
-        margins.append((logits[:, 1] - logits[:, 0]).cpu().numpy())
+        margins.append(logit_margins(logits.cpu().numpy()))
     model.train()
-    return np.concatenate(margins).astype(np.float64)
+    return np.concatenate(margins)
 
 
 def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainResult:
@@ -451,7 +450,6 @@ def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainRe
         precision=precision,
         temperature=temperature,
         epochs=epochs,
-        selected_epoch=history.best_epoch,
     )
 
 
