@@ -18,16 +18,16 @@ from spamfilterd.tokenizer import get_tokenizer
 from trainer.calibration import fit_temperature
 from trainer.data import source_kind
 from trainer.metrics import choose_thresholds, split_metrics
-from trainer.train import RECIPES, TrainConfig, _Batches, _margins, train
+from trainer.train import RECIPES, EncodedSplit, TrainConfig, train, validation_margins
 
 
 def margins_of(result, frame) -> np.ndarray:
     tokenizer = get_tokenizer()
-    batches = _Batches(
+    batches = EncodedSplit(
         [encode_text(tokenizer, text, result.max_tokens) for text in frame["Text"]],
         [int(label) for label in frame["Label"]],
     )
-    return _margins(result.model, batches, torch.device("cpu"), "fp32")
+    return validation_margins(result.model, batches, torch.device("cpu"), "fp32")
 
 
 def report(name, splits, val_margins, test_margins) -> dict:

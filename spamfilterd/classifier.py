@@ -10,6 +10,7 @@ from spamfilterd.rules import verdict_for
 from spamfilterd.tokenizer import PAD_TOKEN_ID, get_tokenizer
 
 PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
 HEAD_SHARE = 0.75  # of an over-long message's token budget, the rest goes to its end
 
 

@@ -25,7 +25,7 @@ def _nll(margins: np.ndarray, labels: np.ndarray, temperature: float) -> float:
     return float(np.mean(np.logaddexp(0.0, -signed)))
 
 
-def fit_temperature(margins: Sequence[float], labels: Sequence[int]) -> float:
+def fit_temperature(margins: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
     """The T in [T_MIN, T_MAX] with the lowest NLL, by golden-section search on log T.
 
     The NLL is convex in 1/T, so it is unimodal in log T and the search finds the optimum.
@@ -47,7 +47,9 @@ def fit_temperature(margins: Sequence[float], labels: Sequence[int]) -> float:
     return float(np.exp((low + high) / 2))
 
 
-def calibrated_nll(margins: Sequence[float], labels: Sequence[int]) -> tuple[float, float]:
+def calibrated_nll(
+    margins: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray
+) -> tuple[float, float]:
     """(NLL at the best temperature, that temperature): how good a model is once calibrated."""
     temperature = fit_temperature(margins, labels)
     return _nll(np.asarray(margins, dtype=np.float64), np.asarray(labels), temperature), temperature

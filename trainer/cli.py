@@ -11,14 +11,13 @@ from pathlib import Path
 import click
 
 from spamfilterd import __version__
+from spamfilterd.classifier import DEVICES, PRECISIONS
+from trainer.crossval import FOLDS
 from trainer.errors import DataError
 from trainer.metrics import DEFAULT_MAX_FPR, DEFAULT_UNSURE_FPR
+from trainer.model_setup import TRAINABLE_CHOICES
+from trainer.train import RECIPES, SCHEDULES, TrainConfig
 
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
-SCHEDULES = ("constant", "cosine")
-TRAINABLE = ("head", "last-block", "last-two-blocks", "all")
-RECIPE_NAMES = ("reference", "random")
 HELP = {"help_option_names": ["-h", "--help"]}
 
 
@@ -136,10 +135,10 @@ def _paths(values: tuple[str, ...]) -> list[Path]:
 @click.option("--arch", help="Preset for --weights random (gpt-mini, gpt-micro, gpt-tiny, gpt2-small ...).")
 @click.option(
     "--recipe",
-    type=click.Choice(RECIPE_NAMES),
+    type=click.Choice(sorted(RECIPES)),
     help="Defaults to start from [random for --weights random, else reference].",
 )
-@click.option("--trainable", type=click.Choice(TRAINABLE), help="Parameters to train.")
+@click.option("--trainable", type=click.Choice(TRAINABLE_CHOICES), help="Parameters to train.")
 @click.option(
     "--epochs", type=click.IntRange(min=1), help="Passes over the training data (overrides --steps)."
 )
@@ -154,17 +153,12 @@ def _paths(values: tuple[str, ...]) -> list[Path]:
 @click.option("--warmup", type=click.FloatRange(0, 1), help="Warm-up, as a fraction of all steps.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), help="Learning-rate schedule after warm-up.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True))
-@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True))
-@click.option("--lm-weight", type=click.FloatRange(min=0), help="Weight of the causal-LM auxiliary loss.")
 @click.option(
-    "--prefix-weight", type=click.FloatRange(min=0), help="Weight of the class loss at every position."
+    "--pretrain-steps",
+    type=click.IntRange(min=0),
+    help="Next-token steps on the training texts before the classifier is trained (0 = none).",
 )
-@click.option(
-    "--token-dropout",
-    type=click.FloatRange(0, 1, max_open=True),
-    help="Share of tokens deleted from each training message (augmentation).",
-)
-@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), help="Weight-average decay (0 = off).")
+@click.option("--pretrain-lr", type=click.FloatRange(min=0, min_open=True), help="Peak pretraining lr.")
 @click.option(
     "--max-tokens",
     type=click.IntRange(min=1),
@@ -174,14 +168,14 @@ def _paths(values: tuple[str, ...]) -> list[Path]:
 @click.option(
     "--eval-every",
     type=click.IntRange(min=1),
-    default=50,
+    default=TrainConfig.eval_every,
     show_default=True,
     help="Steps between loss evaluations.",
 )
 @click.option(
     "--eval-batches",
     type=click.IntRange(min=1),
-    default=5,
+    default=TrainConfig.eval_batches,
     show_default=True,
     help="Batches per loss evaluation.",
 )
@@ -202,7 +196,7 @@ def _paths(values: tuple[str, ...]) -> list[Path]:
 @click.option(
     "--cv-folds",
     type=click.IntRange(min=0),
-    default=5,
+    default=FOLDS,
     show_default=True,
     help="When validation holds too few ham to measure --max-fpr (under 1/max-fpr), count the "
     "thresholds on this many cross-validation folds of train + validation instead (0 = never).",
@@ -229,7 +223,6 @@ def train(**options) -> None:
     """
     from trainer.data import DataOptions
     from trainer.pipeline import run_training
-    from trainer.train import RECIPES, TrainConfig
 
     if options["threads"]:
         import torch

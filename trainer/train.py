@@ -1,12 +1,12 @@
-"""The training loop: cross-entropy on each message's last real token, plus optional helpers for
-models trained from scratch (warmup + cosine schedule, label smoothing, a causal-LM auxiliary loss,
-a class loss at every position, token dropout, an exponential moving average of the weights).
+"""The training loop of the reference chapter: cross-entropy on each message's last real token,
+evaluated every `eval_every` steps, accuracy after each epoch.
 
-The reference recipe is the `reference` entry of RECIPES; `random` is the measured best recipe for
-random weights on a CPU (see benchmarks/train_recipes.md).
+What a model that starts from random weights needs on top, each measured in
+benchmarks/train_recipes.md: an optional next-token pretraining phase on the training messages'
+own text, warmup + cosine, and keeping the epoch that is best on validation once calibrated. The
+reference recipe is `RECIPES["reference"]`; `random` is the measured best for random weights on a CPU.
 """
 
-import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +25,7 @@ from spamfilterd.classifier import (
     resolve_device,
     resolve_precision,
 )
-from spamfilterd.model import GPTModel, last_positions
+from spamfilterd.model import GPTModel
 from spamfilterd.tokenizer import get_tokenizer
 from trainer.calibration import calibrated_nll, logit_margins
 from trainer.data import Splits
@@ -33,6 +33,7 @@ from trainer.model_setup import build_model, set_trainable
 
 SCORE_BATCH = 32
 BUCKET_BATCHES = 16
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -48,13 +49,10 @@ class TrainConfig:
     weight_decay: float = 0.1
     batch_size: int = 8
     warmup: float = 0.0  # fraction of all steps
-    schedule: str = "constant"  # or "cosine"
+    schedule: str = "constant"  # one of SCHEDULES
     dropout: float = 0.0
-    label_smoothing: float = 0.0
-    token_dropout: float = 0.0  # share of tokens deleted from each training message, per step
-    lm_weight: float = 0.0  # weight of the causal-LM auxiliary loss
-    prefix_weight: float = 0.0  # weight of the class loss at every earlier position
-    ema: float = 0.0  # decay of the weight average; 0 = off
+    pretrain_steps: int = 0  # next-token steps on the training texts before the classifier's
+    pretrain_lr: float = 1e-3
     max_tokens: int | None = None  # None = longest training message
     seed: int = 123
     eval_every: int = 50
@@ -64,7 +62,7 @@ class TrainConfig:
 
 
 RECIPES: dict[str, dict] = {
-    # DESIGN.md section 2: AdamW 5e-5, wd 0.1, batch 8, 5 epochs, last block + final norm + head.
+    # The reference chapter: AdamW 5e-5, wd 0.1, batch 8, 5 epochs, last block + final norm + head.
     "reference": {"trainable": "last-block", "epochs": 5, "lr": 5e-5},
     "random": {
         "arch": "gpt-micro",
@@ -96,6 +94,7 @@ class History:
     train_accuracy: list[float] = field(default_factory=list)
     val_accuracy: list[float] = field(default_factory=list)
     val_calibrated_nll: list[float] = field(default_factory=list)
+    pretrain_loss: list[float] = field(default_factory=list)
     best_epoch: int = 0
 
 
@@ -112,55 +111,7 @@ class TrainResult:
     epochs: int
 
 
-class WeightAverage:
-    """Exponential moving average of the trained weights: a cheap ensemble that steadies a noisy run."""
-
-    def __init__(self, model: GPTModel, decay: float):
-        self.decay = decay
-        self.steps = 0
-        self.params = [parameter for parameter in model.parameters() if parameter.requires_grad]
-        self.shadow = [parameter.detach().clone() for parameter in self.params]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.steps += 1
-        # Early on the average follows the model closely, else it would stay near the random start.
-        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        torch._foreach_lerp_(self.shadow, [parameter.detach() for parameter in self.params], 1 - decay)
-
-    @torch.no_grad()
-    def swap(self) -> None:
-        """Exchange live and averaged weights; calling it twice restores the live ones."""
-        for parameter, averaged in zip(self.params, self.shadow, strict=True):
-            live = parameter.detach().clone()
-            parameter.copy_(averaged)
-            averaged.copy_(live)
-
-    @contextlib.contextmanager
-    def applied(self):
-        """Run a block with the averaged weights in the model, then put the live ones back."""
-        self.swap()
-        try:
-            yield
-        finally:
-            self.swap()
-
-
-def _schedule(config: TrainConfig, total_steps: int):
-    warmup_steps = max(1, round(config.warmup * total_steps)) if config.warmup else 0
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if config.schedule == "cosine":
-            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return factor
-
-
-class _Batches:
+class EncodedSplit:
     """Token ids of one split, served in batches padded only to their own longest message."""
 
     def __init__(self, encoded: list[list[int]], labels: list[int]):
@@ -170,11 +121,8 @@ class _Batches:
     def __len__(self) -> int:
         return len(self.encoded)
 
-    def batch(self, rows: list[int], device: torch.device, drop: float = 0.0, generator=None):
-        seqs = [self.encoded[row] for row in rows]
-        if drop:
-            seqs = [_delete_tokens(seq, drop, generator) for seq in seqs]
-        ids, last = pad_batch(seqs)
+    def batch(self, rows: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, last = pad_batch([self.encoded[row] for row in rows])
         labels = torch.tensor([self.labels[row] for row in rows], dtype=torch.long)
         return ids.to(device), last.to(device), labels.to(device)
 
@@ -213,9 +161,11 @@ class TrainingVocabulary(nn.Module):
     def __init__(self, full: nn.Embedding, vocab: torch.Tensor):
         super().__init__()
         self.full = full.requires_grad_(False)
+        self.vocab: torch.Tensor
         self.register_buffer("vocab", vocab, persistent=False)
         remap = torch.full((full.num_embeddings,), -1, dtype=torch.long, device=vocab.device)
         remap[vocab] = torch.arange(len(vocab), device=vocab.device)
+        self.remap: torch.Tensor
         self.register_buffer("remap", remap, persistent=False)
         self.rows = nn.Parameter(full.weight.detach()[vocab].clone())
 
@@ -230,68 +180,68 @@ class TrainingVocabulary(nn.Module):
         return self.full.requires_grad_(True)
 
 
-def _delete_tokens(seq: list[int], drop: float, generator: torch.Generator) -> list[int]:
-    """Word-dropout augmentation: a model from scratch memorises exact token sequences otherwise.
+class NextTokenLoss:
+    """Next-token loss over the training vocabulary only, through the token embedding (GPT-2's tied
+    head), for the pretraining phase.
 
-    The last token is always kept, since the classifier reads its position.
-    """
-    keep = (torch.rand(len(seq) - 1, generator=generator) >= drop).tolist()
-    return [token for token, kept in zip(seq[:-1], keep, strict=True) if kept] + seq[-1:]
-
-
-class _LanguageModelLoss:
-    """Next-token loss over the training vocabulary only, through the tied token embedding.
-
-    Softmax over the few thousand token ids that occur in training, not all 50,257, keeps the
-    auxiliary loss cheap on a CPU; every target is in that set, so nothing is lost for training.
+    Softmax over the few thousand token ids that occur in training, not all 50,257, keeps it cheap
+    on a CPU; every target is in that set, so nothing is lost. At most `positions` predicted tokens
+    a batch are scored, drawn at random: the softmax costs the most, and a sample of a batch's
+    positions teaches nearly as much as all of them.
     """
 
-    def __init__(self, vocab: torch.Tensor, vocab_size: int):
+    def __init__(self, vocab: torch.Tensor, vocab_size: int, positions: int):
         self.vocab = vocab
+        self.positions = positions
         self.remap = torch.full((vocab_size,), -100, dtype=torch.long, device=vocab.device)
         self.remap[vocab] = torch.arange(len(vocab), device=vocab.device)
 
-    def __call__(self, model: GPTModel, hidden: torch.Tensor, ids: torch.Tensor, last: torch.Tensor):
+    def __call__(self, model: GPTModel, ids: torch.Tensor, last: torch.Tensor, generator: torch.Generator):
+        hidden = model.hidden_states(ids)[:, :-1]
         positions = torch.arange(ids.shape[1] - 1, device=ids.device)
         valid = positions[None, :] < last[:, None]
         targets = self.remap[ids[:, 1:]][valid]
+        hidden = hidden[valid]
+        if len(targets) > self.positions:
+            sample = torch.randperm(len(targets), generator=generator)[: self.positions].to(ids.device)
+            hidden, targets = hidden[sample], targets[sample]
         embedding = model.tok_emb
         rows = embedding.rows if isinstance(embedding, TrainingVocabulary) else embedding.weight[self.vocab]
-        logits = hidden[:, :-1][valid] @ rows.T
-        return F.cross_entropy(logits.float(), targets)
+        return F.cross_entropy((hidden @ rows.T).float(), targets)
 
 
-def _classifier_step(model, batches, rows, device, precision, config, lm_loss, generator):
-    ids, last, labels = batches.batch(rows, device, config.token_dropout, generator)
-    with autocast_for(device, precision):
-        hidden = model.hidden_states(ids)
-        logits = model.out_head(last_positions(hidden, last))
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-        if lm_loss is not None:
-            loss = loss + config.lm_weight * lm_loss(model, hidden, ids, last)
-        if config.prefix_weight:
-            loss = loss + config.prefix_weight * _prefix_loss(model, hidden, last, labels)
-    return loss
+def _schedule(warmup: float, schedule: str, total_steps: int):
+    warmup_steps = max(1, round(warmup * total_steps)) if warmup else 0
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "cosine":
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
 
 
-def _prefix_loss(model: GPTModel, hidden: torch.Tensor, last: torch.Tensor, labels: torch.Tensor):
-    """The message's label asked of every prefix, not only the whole message.
+def _optimizer(model: GPTModel, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    # The fused kernel: on a CPU the default per-tensor AdamW spends most of a step on the embedding.
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=True)
 
-    Only the last position is read at inference; supervising every position gives each token's
-    features a direct gradient, which a model trained from scratch on 1,000 messages lacks.
-    """
-    positions = torch.arange(hidden.shape[1], device=hidden.device)
-    valid = positions[None, :] <= last[:, None]
-    logits = model.out_head(hidden[valid]).float()
-    return F.cross_entropy(logits, labels[:, None].expand_as(valid)[valid])
+
+def calc_loss_batch(model: GPTModel, ids: torch.Tensor, last: torch.Tensor, labels: torch.Tensor, precision):
+    with autocast_for(ids.device, precision):
+        logits = model(ids, last)
+    return F.cross_entropy(logits.float(), labels)
 
 
 @torch.no_grad()
-def _loss_and_accuracy(model, batches, device, precision, batch_size, limit=None) -> tuple[float, float]:
+def calc_loss_and_accuracy(model, split: EncodedSplit, device, precision, batch_size, limit=None):
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
-    for rows in batches.ordered(batch_size, limit):
-        ids, last, labels = batches.batch(rows, device)
+    for rows in split.ordered(batch_size, limit):
+        ids, last, labels = split.batch(rows, device)
         with autocast_for(device, precision):
             logits = model(ids, last).float()
         total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
@@ -299,6 +249,20 @@ def _loss_and_accuracy(model, batches, device, precision, batch_size, limit=None
         seen += len(rows)
     model.train()
     return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+@torch.no_grad()
+def validation_margins(model, split: EncodedSplit, device, precision) -> np.ndarray:
+    """spam-minus-ham logit of every message of a split, in order."""
+    model.eval()
+    margins = []
+    for rows in split.ordered(SCORE_BATCH):
+        ids, last, _ = split.batch(rows, device)
+        with autocast_for(device, precision):
+            logits = model(ids, last).float()
+        margins.append(logit_margins(logits.cpu().numpy()))
+    model.train()
+    return np.concatenate(margins)
 
 
 def choose_max_tokens(encoded_lengths: list[int], requested: int | None, context_length: int) -> int:
@@ -316,28 +280,22 @@ def epochs_for(config: TrainConfig, steps_per_epoch: int) -> int:
     return config.epochs
 
 
-@torch.no_grad()
-def _margins(model, batches, device, precision) -> np.ndarray:
-    """spam-minus-ham logit of every message of a split, in order."""
-    model.eval()
-    margins = []
-    for rows in batches.ordered(SCORE_BATCH):
-        ids, last, _ = batches.batch(rows, device)
-        with autocast_for(device, precision):
-            logits = model(ids, last).float()
-        margins.append(logit_margins(logits.cpu().numpy()))
-    model.train()
-    return np.concatenate(margins)
+@dataclass
+class Prepared:
+    """A run's model and encoded splits, ready for the loops."""
+
+    model: GPTModel
+    train_set: EncodedSplit
+    val_set: EncodedSplit
+    vocab: torch.Tensor  # the token ids that occur in the training texts
+    max_tokens: int
+    trainable_parameters: int
+    device: torch.device
+    precision: str
 
 
-def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainResult:
-    """Fine-tune on `splits.train`; keep the epoch that is best on validation once calibrated.
-
-    After every epoch the whole validation split is scored and a temperature fitted to it; the
-    weights of the epoch with the lowest calibrated validation NLL are kept (early stopping without
-    stopping), so a run that later memorises its training set still returns its best model, and the
-    temperature that comes with it makes P(spam) a probability. Same seed, same model on a CPU.
-    """
+def prepare(splits: Splits, config: TrainConfig) -> Prepared:
+    """Seed, model, tokenised splits; the token embedding trains only the rows that training uses."""
     torch.manual_seed(config.seed)
     # CPU kernels that sum over threads (the embedding rows' backward) otherwise let two runs of one
     # seed drift apart; the deterministic ones cost no measurable time here. warn_only: CUDA ops
@@ -348,67 +306,118 @@ def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainRe
     precision = resolve_precision(config.precision, device)
     model = build_model(config.weights, config.arch, config.dropout).to(device)
     trainable = set_trainable(model, config.trainable)
-
     tokenizer = get_tokenizer()
-    context = model.cfg.context_length
     raw_train = [tokenizer.encode(text, disallowed_special=()) for text in splits.train["Text"]]
-    max_tokens = choose_max_tokens([len(ids) for ids in raw_train], config.max_tokens, context)
+    max_tokens = choose_max_tokens(
+        [len(ids) for ids in raw_train], config.max_tokens, model.cfg.context_length
+    )
 
-    def encode(frame) -> _Batches:
+    def encode(frame) -> EncodedSplit:
         texts, labels = list(frame["Text"]), [int(label) for label in frame["Label"]]
-        return _Batches([encode_text(tokenizer, text, max_tokens) for text in texts], labels)
+        return EncodedSplit([encode_text(tokenizer, text, max_tokens) for text in texts], labels)
 
     train_set, val_set = encode(splits.train), encode(splits.validation)
-    vocab = torch.tensor(sorted({token for ids in train_set.encoded for token in ids}), device=device)
-    if model.tok_emb.weight.requires_grad:
-        model.tok_emb = TrainingVocabulary(model.tok_emb, vocab)
-    lm_loss = _LanguageModelLoss(vocab, model.cfg.vocab_size) if config.lm_weight else None
-
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    # The fused kernel: on a CPU the default per-tensor AdamW spends most of a step on the
-    # 50,257-row embedding.
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    steps_per_epoch = len(train_set) // config.batch_size
-    if steps_per_epoch == 0:
+    if len(train_set) < config.batch_size:
         raise ValueError(
             f"{len(train_set)} training messages are fewer than one batch of {config.batch_size}"
         )
-    epochs = epochs_for(config, steps_per_epoch)
-    total_steps = steps_per_epoch * epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, total_steps))
-    average = WeightAverage(model, config.ema) if config.ema else None
-    shuffler = torch.Generator().manual_seed(config.seed)
-    history = History()
-    val_labels = np.asarray(val_set.labels)
-    best_nll, best_state, temperature = math.inf, None, 1.0
+    vocab = torch.tensor(sorted({token for ids in train_set.encoded for token in ids}), device=device)
+    if model.tok_emb.weight.requires_grad:
+        model.tok_emb = TrainingVocabulary(model.tok_emb, vocab)  # type: ignore[assignment]
+    return Prepared(model, train_set, val_set, vocab, max_tokens, trainable, device, precision)
 
-    def evaluated():
-        return average.applied() if average else contextlib.nullcontext()
 
-    start = time.perf_counter()
+PRETRAIN_POSITIONS = 512
+
+
+def pretrain(run: Prepared, config: TrainConfig, history: History, progress: bool) -> None:
+    """Next-token prediction on the training messages' own text, labels unused.
+
+    A model from random weights otherwise learns its token features from the labels alone; reading
+    the texts first gives it what pretrained GPT-2 brings to the reference recipe, on a small scale.
+    """
+    model, messages = run.model, run.train_set
+    embedding = model.tok_emb
+    vocab = (
+        embedding.vocab if isinstance(embedding, TrainingVocabulary) else torch.arange(model.cfg.vocab_size)
+    )
+    next_token = NextTokenLoss(vocab, model.cfg.vocab_size, PRETRAIN_POSITIONS)
+    optimizer = _optimizer(model, config.pretrain_lr, config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(config.warmup, "cosine", config.pretrain_steps)
+    )
+    generator = torch.Generator().manual_seed(config.seed)
     model.train()
     step = 0
-    bar = tqdm(total=total_steps, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
-    for epoch in range(1, epochs + 1):
-        for rows in train_set.shuffled(config.batch_size, shuffler):
-            loss = _classifier_step(model, train_set, rows, device, precision, config, lm_loss, shuffler)
+    bar = tqdm(total=config.pretrain_steps, desc="pretraining", unit="step", disable=not progress)
+    while step < config.pretrain_steps:
+        for rows in messages.shuffled(config.batch_size, generator):
+            ids, last, _ = messages.batch(rows, run.device)
+            with autocast_for(run.device, run.precision):
+                loss = next_token(model, ids, last, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            if average:
-                average.update()
+            step += 1
+            bar.update(1)
+            if step % config.eval_every == 0:
+                history.pretrain_loss.append(loss.item())
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step == config.pretrain_steps:
+                break
+    bar.close()
+
+
+def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainResult:
+    """Fine-tune on `splits.train`; keep the epoch that is best on validation once calibrated.
+
+    After every epoch the whole validation split is scored and a temperature fitted to it; the
+    weights of the epoch with the lowest calibrated validation NLL are kept (early stopping without
+    stopping), so a run that later memorises its training set still returns its best model, and the
+    temperature that comes with it makes P(spam) a probability. Same seed, same model on a CPU.
+    """
+    run = prepare(splits, config)
+    model, train_set, val_set, device, precision = (
+        run.model,
+        run.train_set,
+        run.val_set,
+        run.device,
+        run.precision,
+    )
+    history = History()
+    start = time.perf_counter()
+    if config.pretrain_steps:
+        pretrain(run, config, history, progress)
+    optimizer = _optimizer(model, config.lr, config.weight_decay)
+    steps_per_epoch = len(train_set) // config.batch_size
+    epochs = epochs_for(config, steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(config.warmup, config.schedule, steps_per_epoch * epochs)
+    )
+    shuffler = torch.Generator().manual_seed(config.seed)
+    val_labels = np.asarray(val_set.labels)
+    best_nll, best_state, temperature = math.inf, model.state_dict(), 1.0
+    bar = tqdm(total=steps_per_epoch * epochs, desc="training", unit="step", disable=not progress)
+    model.train()
+    step = 0
+    for epoch in range(1, epochs + 1):
+        for rows in train_set.shuffled(config.batch_size, shuffler):
+            optimizer.zero_grad(set_to_none=True)
+            loss = calc_loss_batch(model, *train_set.batch(rows, device), precision)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
             if step % config.eval_every == 0:
-                with evaluated():
-                    train_loss, _ = _loss_and_accuracy(
-                        model, train_set, device, precision, config.batch_size, config.eval_batches
-                    )
-                    val_loss, _ = _loss_and_accuracy(
-                        model, val_set, device, precision, config.batch_size, config.eval_batches
-                    )
+                train_loss, _ = calc_loss_and_accuracy(
+                    model, train_set, device, precision, config.batch_size, config.eval_batches
+                )
+                val_loss, _ = calc_loss_and_accuracy(
+                    model, val_set, device, precision, config.batch_size, config.eval_batches
+                )
                 history.eval_examples.append(step * config.batch_size)
                 history.eval_epochs.append(step / steps_per_epoch)
                 history.train_loss.append(train_loss)
@@ -416,24 +425,23 @@ def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainRe
                 bar.write(
                     f"epoch {epoch} (step {step:06d}): train loss {train_loss:.3f}, val loss {val_loss:.3f}"
                 )
-        with evaluated():
-            _, train_accuracy = _loss_and_accuracy(
-                model, train_set, device, precision, config.batch_size, config.eval_batches
-            )
-            margins = _margins(model, val_set, device, precision)
-            nll, epoch_temperature = calibrated_nll(margins, val_labels)
-            if nll < best_nll:
-                best_nll, temperature, history.best_epoch = nll, epoch_temperature, epoch
-                best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
-        val_accuracy = float(np.mean((margins > 0) == (val_labels == 1)))
+        _, train_accuracy = calc_loss_and_accuracy(
+            model, train_set, device, precision, config.batch_size, config.eval_batches
+        )
+        margins = validation_margins(model, val_set, device, precision)
+        nll, epoch_temperature = calibrated_nll(margins, val_labels)
+        if nll < best_nll:
+            best_nll, temperature, history.best_epoch = nll, epoch_temperature, epoch
+            best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
         history.epoch_examples.append(step * config.batch_size)
         history.train_accuracy.append(train_accuracy)
-        history.val_accuracy.append(val_accuracy)
+        history.val_accuracy.append(float(np.mean((margins > 0) == (val_labels == 1))))
         history.val_calibrated_nll.append(nll)
         bar.write(
             f"epoch {epoch}: train accuracy {train_accuracy:.2%} ({config.eval_batches} batches), "
-            f"validation accuracy {val_accuracy:.2%} (all {len(val_set)}), calibrated validation NLL "
-            f"{nll:.4f} at T={epoch_temperature:.2f}{' (best so far)' if history.best_epoch == epoch else ''}"
+            f"validation accuracy {history.val_accuracy[-1]:.2%} (all {len(val_set)}), calibrated "
+            f"validation NLL {nll:.4f} at T={epoch_temperature:.2f}"
+            f"{' (best so far)' if history.best_epoch == epoch else ''}"
         )
     bar.close()
     model.load_state_dict(best_state)
@@ -442,10 +450,10 @@ def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainRe
     model.eval()
     return TrainResult(
         model=model,
-        max_tokens=max_tokens,
+        max_tokens=run.max_tokens,
         history=history,
         train_seconds=time.perf_counter() - start,
-        trainable_parameters=trainable,
+        trainable_parameters=run.trainable_parameters,
         device=str(device),
         precision=precision,
         temperature=temperature,
