@@ -402,7 +402,7 @@ class SpamdServer:
             await self._send(writer, f"SPAMD/{PROTOCOL_VERSION} 0 PONG\r\n".encode())
             return
         if request.verb == "TELL":
-            text = "EX_UNAVAILABLE TELL is not supported: retrain with spamfilterd-train (README, Training)"
+            text = "EX_UNAVAILABLE TELL is not supported: retrain with spamfilterd-train (docs/training.md)"
             await self._send(writer, response(EX_UNAVAILABLE, text=text))
             return
         await self._check(writer, runtime, request, started)
