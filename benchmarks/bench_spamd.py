@@ -127,7 +127,7 @@ def main() -> None:
         config = work / "config.yaml"
         data = {
             # One torch thread: on a small, shared box two threads that wait for each other
-            # (OpenMP barriers) are many times slower than one (README, "spamd protocol").
+            # (OpenMP barriers) are many times slower than one (docs/deployment.md, "spamd protocol").
             "model": {"checkpoint": str(model), "device": "cpu", "threads": 1},
             "smtp": {"listen": None},
             "spamd": {"listen": [f"unix:{sock}"]},

@@ -70,7 +70,7 @@ def _exit(message: str, code: int, tempfail: bool) -> NoReturn:
 
 _path = click.Path(dir_okay=True, path_type=Path)
 _config_option = click.option(
-    "--config", "config_path", type=_path, help="Config file (default: see README, Configuration)."
+    "--config", "config_path", type=_path, help="Config file (default: see docs/configuration.md)."
 )
 _model_option = click.option(
     "--model", "model_path", type=_path, help="Checkpoint directory or file; overrides model.checkpoint."
@@ -113,7 +113,7 @@ def classify(
     daemon: str | None,
     no_fallback: bool,
 ) -> None:
-    """Classify messages: exit 0 spam, 1 ham, 2 unsure, 3 error (one message; see README)."""
+    """Classify messages: exit 0 spam, 1 ham, 2 unsure, 3 error (one message; see docs/deployment.md)."""
     if filter_mode and len(inputs) != 1:
         _exit("--filter reads exactly one message (- for stdin, or one FILE)", EX_USAGE, tempfail)
     envelope = Envelope(mail_from=sender, rcpt_tos=recipients)

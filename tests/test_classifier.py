@@ -80,9 +80,20 @@ def test_long_text_keeps_head_and_tail():
     assert PAD_TOKEN_ID not in encode_text(tokenizer, "hi <|endoftext|> there", 40)
 
 
-def test_bad_device_and_precision(tiny_checkpoint):
+def test_bad_device_and_precision(tiny_checkpoint, monkeypatch):
     with pytest.raises(ValueError, match="precision 'fp8'"):
         SpamClassifier.load(tiny_checkpoint, device="cpu", precision="fp8")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA GPU"):
-            SpamClassifier.load(tiny_checkpoint, device="cuda")
+    # A machine without a GPU, also where this test runs on one: `cuda` is refused, `auto` is the CPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=f"device '{device}' requested but no CUDA GPU is available"):
+            SpamClassifier.load(tiny_checkpoint, device=device)
+    assert SpamClassifier.load(tiny_checkpoint, device="auto").device == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_scores_like_the_cpu(tiny_checkpoint):
+    cuda = SpamClassifier.load(tiny_checkpoint, device="cuda", precision="fp32")
+    assert next(cuda.model.parameters()).device.type == "cuda"
+    cpu = SpamClassifier.load(tiny_checkpoint, device="cpu", precision="fp32")
+    assert cuda.score(TEXTS) == pytest.approx(cpu.score(TEXTS), abs=1e-4)

@@ -163,13 +163,16 @@ def test_serve_signals_readiness_reloads_safely_and_drains_on_sigterm(tiny_check
     assert "Köln" not in text  # no message content in the log
 
 
-def test_serve_exits_78_on_an_invalid_config(tmp_path):
+def test_serve_exits_78_on_an_invalid_config(tiny_checkpoint, tmp_path):
+    """The one bad key is named, with the file: the checkpoint is fine, so nothing else can be blamed."""
     config = tmp_path / "config.yaml"
-    config.write_text("smtp:\n  max_sessions: many\n")
+    config.write_text(f"model:\n  checkpoint: {tiny_checkpoint}\nsmtp:\n  max_sessions: many\n")
     proc = spamfilterd("serve", "--config", str(config))
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 78
-    assert b"smtp.max_sessions" in stderr or b"model.checkpoint" in stderr
+    assert stderr.decode().splitlines() == [
+        f"spamfilterd: error: {config}: smtp.max_sessions: expected an integer, got str 'many'"
+    ]
 
 
 def test_reload_refuses_a_model_that_does_not_load_and_keeps_the_old_one(

@@ -5,7 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from spamfilterd.classifier import SpamClassifier
 from tests.test_data import make_email_corpus, make_mail
@@ -209,7 +211,12 @@ def test_pretrained_directory_is_fine_tuned(tmp_path, small_corpus):
     assert training["trainable_parameters"] < training["total_parameters"]
     assert card["architecture"]["emb_dim"] == 32 and card["architecture"]["n_layers"] == 2
     assert card["data"]["split_sizes"] == {"train": 123, "validation": 17, "test": 36}
-    assert SpamClassifier.load(out, device="cpu").score(["WINNER! claim your prize"])[0] >= 0.0
+    # The daemon loads it; what was frozen is OpenAI's layout read as is, the last block has moved.
+    model = SpamClassifier.load(out, device="cpu").model
+    pretrained = load_file(tmp_path / "hf" / "model.safetensors")
+    assert torch.equal(model.tok_emb.weight, pretrained["transformer.wte.weight"])
+    assert torch.equal(model.trf_blocks[0].norm1.weight, pretrained["transformer.h.0.ln_1.weight"])
+    assert not torch.equal(model.trf_blocks[-1].norm1.weight, pretrained["transformer.h.1.ln_1.weight"])
 
 
 def test_help_and_version():

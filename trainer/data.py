@@ -78,8 +78,8 @@ def parse_sms_collection(blob: bytes, origin: str) -> pd.DataFrame:
     try:
         text = blob.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = blob[: exc.start].count(b"\n") + 1
-        raise DataError(f"{origin}: line {line}: not UTF-8 text ({exc.reason})") from exc
+        number = blob[: exc.start].count(b"\n") + 1
+        raise DataError(f"{origin}: line {number}: not UTF-8 text ({exc.reason})") from exc
     labels, texts = [], []
     for number, line in enumerate(text.split("\n"), start=1):
         line = line.removesuffix("\r")
@@ -280,16 +280,15 @@ def build_splits(options: DataOptions) -> tuple[Splits, dict]:
     if options.train_csv is not None:
         train = read_labelled_csv(options.train_csv)
         given = {
-            "validation": read_labelled_csv(options.val_csv) if options.val_csv else None,
-            "test": read_labelled_csv(options.test_csv) if options.test_csv else None,
+            name: read_labelled_csv(path)
+            for name, path in (("validation", options.val_csv), ("test", options.test_csv))
+            if path
         }
-        missing = [name for name, frame in given.items() if frame is None]
+        missing = [name for name in ("validation", "test") if name not in given]
         if missing:
             carved = stratified_split(train, options.seed)
             train = carved.train
-            given = {
-                name: frame if frame is not None else getattr(carved, name) for name, frame in given.items()
-            }
+            given = {name: given.get(name, getattr(carved, name)) for name in ("validation", "test")}
         splits = Splits(train, given["validation"], given["test"])
         card["preparation"] = "explicit CSV splits" + (
             f" ({', '.join(missing)} cut from --train-csv)" if missing else ""
@@ -302,7 +301,7 @@ def build_splits(options: DataOptions) -> tuple[Splits, dict]:
     elif options.use_sms:
         blob, origin = locate_sms_corpus(options.data)
         sms = parse_sms_collection(blob, origin)
-        source = {
+        source: dict[str, object] = {
             "kind": "sms",
             "name": "SMS Spam Collection v.1",
             "origin": origin,

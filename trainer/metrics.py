@@ -30,7 +30,7 @@ def confusion(labels: Sequence[int], scores: Sequence[float], threshold: float =
     }
 
 
-def _ratio(numerator: int, denominator: int) -> float:
+def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else 0.0
 
 
