@@ -20,7 +20,7 @@ import stat
 import time
 import weakref
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +30,7 @@ from spamfilterd.config import SpamdConfig, split_spamd_address
 from spamfilterd.engine import CheckResult
 from spamfilterd.rules import Decision, Envelope
 from spamfilterd.scores import score_text
-from spamfilterd.smtp import logfmt, message_id
+from spamfilterd.smtp import message_id
 from spamfilterd.spamd_protocol import (
     EX_DATAERR,
     EX_OK,
@@ -48,8 +48,8 @@ from spamfilterd.spamd_protocol import (
 )
 
 if TYPE_CHECKING:
+    from spamfilterd.batcher import Runtime
     from spamfilterd.http import Metrics
-    from spamfilterd.smtp import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def headers_only(message: bytes) -> bytes:
 
 
 def response(
-    code: int, headers: list[tuple[str, str]] = (), body: bytes | None = None, text: str = ""
+    code: int, headers: Sequence[tuple[str, str]] = (), body: bytes | None = None, text: str = ""
 ) -> bytes:
     status = text or STATUS_NAMES.get(code, "EX_SOFTWARE")
     head = f"SPAMD/{PROTOCOL_VERSION} {code} {status}\r\n"
@@ -320,7 +320,9 @@ class SpamdServer:
         bound = []
         for address in addresses:
             if address.startswith("unix:"):
-                path = Path(split_spamd_address(address))
+                unix_path = split_spamd_address(address)
+                assert isinstance(unix_path, str)  # unix:/path gives the path
+                path = Path(unix_path)
                 _clear_stale_socket(path)
                 server = await asyncio.start_unix_server(self._serve, path=str(path), limit=MAX_LINE)
                 os.chmod(path, int(socket_mode, 8))
@@ -472,7 +474,7 @@ class SpamdServer:
             "ms": round(seconds * 1000),
             "model": runtime.engine.model_id,
         }
-        log.info(logfmt(fields), extra={"fields": fields})
+        log.info("request %s", request.verb, extra={"fields": fields})
 
 
 def _clear_stale_socket(path: Path) -> None:
