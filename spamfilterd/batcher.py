@@ -24,10 +24,20 @@ from spamfilterd.engine import GTUBE
 from spamfilterd.rules import Envelope
 
 if TYPE_CHECKING:
+    from spamfilterd.config import Config
     from spamfilterd.engine import CheckResult, FilterEngine
 
 # What a readiness probe asks the model while the last message could not be classified.
 _PROBE = b"Subject: spamfilterd readiness probe\r\n\r\nIs the model answering?\r\n"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What the doors score with, and what a SIGHUP swaps in one assignment: config, engine, batcher."""
+
+    config: Config
+    engine: FilterEngine
+    batcher: Batcher
 
 
 class ClassifierError(Exception):

@@ -14,7 +14,7 @@ from spamfilterd.config import split_host_port
 from spamfilterd.relay import DownstreamConnection, DownstreamError
 
 if TYPE_CHECKING:
-    from spamfilterd.smtp import SmtpProxy
+    from spamfilterd.smtp_server import SmtpProxy
 
 # Seconds each probe may take, so that a monitoring request gets its answer quickly.
 PROBE_TIMEOUT_S = 3.0

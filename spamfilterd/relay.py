@@ -4,15 +4,22 @@ The proxy relays each client command to the downstream MTA as it arrives and ret
 downstream's own reply, so per-recipient answers reach the client unchanged. smtplib does not fit:
 it blocks (a thread per session), cannot read LMTP's one-reply-per-recipient answer to DATA, and
 its dot-stuffing treats a bare LF as a line end, which would alter the body.
+
+`DownstreamConnection` speaks the protocol; `RelaySession` is one client connection's transaction
+downstream (open, start, add recipients, deliver or abort), reusing its connection between messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 # MAIL FROM / RCPT TO parameters we take from clients, with the EHLO keyword downstream must have
 # announced for us to pass them on (RFC 5321 §4.1.1.11: never send what was not announced).
@@ -89,7 +96,7 @@ def dot_stuff(message: bytes) -> Iterator[bytes | memoryview]:
     yield b".\r\n"
 
 
-def esmtp_params(options: list[str], extensions: dict[str, str]) -> list[str]:
+def esmtp_params(options: Sequence[str], extensions: dict[str, str]) -> list[str]:
     """The client's MAIL FROM or RCPT TO parameters that downstream announced support for."""
     kept = []
     for option in options:
@@ -144,8 +151,8 @@ class DownstreamConnection:
         params = esmtp_params(options, self.extensions)
         return await self.command(" ".join([f"MAIL FROM:{address(sender)}", *params]))
 
-    async def rcpt(self, recipient: str, options: list[str] = ()) -> Reply:
-        params = esmtp_params(list(options), self.extensions)
+    async def rcpt(self, recipient: str, options: Sequence[str] = ()) -> Reply:
+        params = esmtp_params(options, self.extensions)
         return await self.command(" ".join([f"RCPT TO:{address(recipient)}", *params]))
 
     async def rset(self) -> Reply:
@@ -168,8 +175,8 @@ class DownstreamConnection:
         batch: list[bytes | memoryview] = []
         size = 0
         for piece in dot_stuff(message):
-            for start in range(0, len(piece), _SEND_CHUNK):  # the transport copies what it buffers
-                batch.append(piece[start : start + _SEND_CHUNK])
+            for offset in range(0, len(piece), _SEND_CHUNK):  # the transport copies what it buffers
+                batch.append(piece[offset : offset + _SEND_CHUNK])
                 size += len(batch[-1])
                 if size >= _SEND_CHUNK:
                     await self._send(*batch)
@@ -199,8 +206,9 @@ class DownstreamConnection:
         """Lock-step means downstream has nothing more to say before our next command; bytes
         waiting here are replies to commands we never sent (e.g. a smuggled second message).
         A 421 is an MTA timing out or shutting down (`closing_ok`: fine after a final reply)."""
+        # StreamReader has no peek: its private buffer is the only way to see unread bytes.
         unread = bytes(self._reader._buffer[:80]) if not self.closed else b""  # type: ignore[attr-defined]
-        if not unread or (closing_ok and unread.startswith(b"421")):  # (StreamReader has no peek)
+        if not unread or (closing_ok and unread.startswith(b"421")):
             return
         self.close()
         if unread.startswith(b"421"):
@@ -238,3 +246,213 @@ class DownstreamConnection:
         except DownstreamError:
             self.close()
             raise
+
+
+@dataclass(frozen=True)
+class Downstream:
+    """Where the proxy delivers: read from the config for each new connection, so a reload counts."""
+
+    host: str
+    port: int
+    helo_name: str
+    timeout: float
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    async def connect(self, lmtp: bool) -> DownstreamConnection:
+        return await DownstreamConnection.open(
+            self.host, self.port, lmtp=lmtp, helo_name=self.helo_name, timeout=self.timeout
+        )
+
+
+async def probe(
+    target: Downstream, lmtp: bool, recipients: Sequence[str]
+) -> tuple[dict[str, str], list[Reply]]:
+    """Greet downstream as the proxy does and offer it each recipient (MAIL FROM:<>, RCPT TO, RSET).
+
+    Returns its EHLO keywords and one answer per recipient, up to the first refusal;
+    DownstreamError: downstream is unreachable.
+    """
+    connection = await target.connect(lmtp)
+    answers: list[Reply] = []
+    try:
+        for recipient in recipients:
+            start = await connection.mail("<>", [])
+            answers.append(await connection.rcpt(recipient) if start.ok else start)
+            await connection.rset()
+            if not answers[-1].ok:
+                break
+    finally:
+        connection.quit()
+    return connection.extensions, answers
+
+
+class Relay:
+    """The proxy's way downstream, shared by its sessions: where to, the error counter, and what
+    downstream announced last (for a client's EHLO before its session has a connection)."""
+
+    def __init__(self, target: Callable[[], Downstream], errors: Counter[str]) -> None:
+        self.target = target
+        self.errors = errors
+        self.extensions: dict[str, str] | None = None  # None: not known yet
+
+    async def connect(self, lmtp: bool) -> DownstreamConnection:
+        connection = await self.target().connect(lmtp)
+        self.extensions = connection.extensions
+        return connection
+
+
+class RelaySession:
+    """One client connection's side downstream: a connection opened on demand and kept for the
+    client's next message, and the transaction on it, relayed command by command.
+
+    An operation that loses the connection drops it (logged, counted) and raises DownstreamError;
+    the next message opens a fresh one.
+    """
+
+    def __init__(self, relay: Relay, lmtp: bool) -> None:
+        self.relay = relay
+        self.lmtp = lmtp
+        self.connection: DownstreamConnection | None = None
+        # True while downstream holds a MAIL transaction the client may have abandoned (RSET,
+        # EHLO, an oversize DATA refused before the handler ran): reset it before the next MAIL.
+        self.open_transaction = False
+        # The RCPT parameters (NOTIFY, ORCPT) of each accepted recipient, for split deliveries.
+        self.rcpt_params: dict[str, list[str]] = {}
+        self.gone = False  # the client hung up: a connection opened late is closed at once
+
+    @property
+    def live(self) -> bool:
+        return self.connection is not None and not self.connection.closed
+
+    async def extensions(self) -> dict[str, str]:
+        """What downstream announces: on this session's connection, else the last one seen."""
+        if self.connection is not None and not self.connection.closed:
+            return self.connection.extensions
+        if self.relay.extensions is None:
+            try:
+                await self.open()
+            except DownstreamError as exc:
+                self.drop(exc, None)
+        return self.relay.extensions or {}
+
+    async def open(self) -> DownstreamConnection:
+        connection = await self.relay.connect(self.lmtp)
+        if self.gone:
+            connection.close()
+            raise DownstreamError("the client hung up while we were connecting")
+        self.connection = connection
+        self.open_transaction = False
+        return connection
+
+    async def start(self, sender: str, options: list[str]) -> Reply:
+        """MAIL FROM on the session's connection if it still works, else on a fresh one."""
+        if self.connection is not None and not self.connection.closed:
+            try:
+                if self.open_transaction:
+                    await self.connection.rset()
+                    self.open_transaction = False
+                return self._started(await self.connection.mail(sender, options))
+            except DownstreamProtocolError as exc:  # unread replies: whatever they were, start afresh
+                self.drop(exc)
+            except DownstreamError as exc:  # e.g. downstream timed out the idle connection
+                self.drop(exc, None)
+        try:
+            connection = await self.open()
+            return self._started(await connection.mail(sender, options))
+        except DownstreamError as exc:
+            self.drop(exc)
+            raise
+
+    async def rcpt(self, recipient: str, options: list[str]) -> Reply:
+        """RCPT TO in the transaction `start` opened."""
+        connection = self._connection()
+        try:
+            reply = await connection.rcpt(recipient, options)
+        except DownstreamError as exc:
+            self.drop(exc)
+            raise
+        if reply.ok:
+            self.rcpt_params[recipient] = options
+        return self._closing(reply)
+
+    async def restart(
+        self, sender: str, options: list[str], recipients: Sequence[tuple[str, list[str]]]
+    ) -> list[Reply]:
+        """A transaction of its own for some recipients (with their RCPT parameters): the answer to
+        MAIL FROM, then one per recipient if MAIL was accepted."""
+        connection = self._connection()
+        try:
+            await connection.rset()
+            answers = [await connection.mail(sender, options)]
+            if answers[0].ok:
+                self.open_transaction = True
+                answers += [await connection.rcpt(address, params) for address, params in recipients]
+        except DownstreamError as exc:
+            self.drop(exc)
+            raise
+        return answers
+
+    async def deliver(self, message: bytes, recipients: int) -> list[Reply]:
+        """DATA: downstream's answer, one per accepted recipient in LMTP."""
+        connection = self._connection()
+        try:
+            replies = await connection.data(message, recipients if self.lmtp else 1)
+        except DownstreamError as exc:
+            self.drop(exc)
+            raise
+        self.open_transaction = False
+        return replies
+
+    async def abort(self) -> None:
+        """Cancel the transaction (the message is rejected or deferred by us)."""
+        if self.connection is None:
+            return
+        try:
+            await self.connection.rset()
+            self.open_transaction = False
+        except DownstreamError as exc:
+            self.drop(exc)
+
+    def quit(self) -> None:
+        if self.connection is not None:
+            self.connection.quit()
+            self.connection = None
+
+    def close(self) -> None:
+        """The client is gone: drop downstream too, which aborts any unfinished transaction."""
+        self.gone = True
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+    def drop(self, reason: object, kind: str | None = "downstream") -> None:
+        """Forget the connection; `kind` counts as an error (None: routine, e.g. a stale one)."""
+        address = self.relay.target().address
+        log.log(logging.WARNING if kind else logging.DEBUG, "downstream %s: %s", address, reason)
+        if kind:
+            self.relay.errors[kind] += 1
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+        self.open_transaction = False
+
+    def _connection(self) -> DownstreamConnection:
+        if self.connection is None:
+            raise DownstreamError("no downstream connection (lost earlier)")
+        return self.connection
+
+    def _started(self, reply: Reply) -> Reply:
+        if reply.ok:
+            self.open_transaction = True
+            self.rcpt_params = {}
+        return self._closing(reply)
+
+    def _closing(self, reply: Reply) -> Reply:
+        """Downstream says 421, it is closing: the next transaction needs a fresh connection."""
+        if reply.code == 421 and self.connection is not None:
+            self.connection.close()
+            self.connection = None
+        return reply

@@ -8,7 +8,6 @@ datagram socket rather than a new dependency.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -16,10 +15,12 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from spamfilterd import __version__
+from spamfilterd.batcher import Batcher, Runtime
 from spamfilterd.config import (
     EXIT_CONFIG_ERROR,
     Config,
@@ -29,9 +30,14 @@ from spamfilterd.config import (
     split_host_port,
 )
 from spamfilterd.http import HealthServer, Metrics
+from spamfilterd.logformat import JsonFormatter, LogfmtFormatter
 from spamfilterd.readiness import not_ready_reason
-from spamfilterd.smtp import QuarantineError, Runtime, SmtpProxy, build_runtime
+from spamfilterd.smtp import ProxyHandler
+from spamfilterd.smtp_server import QuarantineError, SmtpProxy
 from spamfilterd.spamd import SpamdServer
+
+if TYPE_CHECKING:
+    from spamfilterd.engine import FilterEngine
 
 log = logging.getLogger(__name__)
 
@@ -58,34 +64,15 @@ def sd_notify(state: str) -> bool:
     return True
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line; the per-message fields become top-level keys."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            entry.update(fields)
-        else:
-            entry["msg"] = record.getMessage()
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
-
-
 def setup_logging(config: LoggingConfig) -> None:
     """Log to stderr (journald under systemd, which adds its own timestamps)."""
     handler = logging.StreamHandler(sys.stderr)
     if config.format == "json":
         handler.setFormatter(JsonFormatter())
     elif os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(LogfmtFormatter("%(levelname)s %(name)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(LogfmtFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
@@ -93,6 +80,30 @@ def setup_logging(config: LoggingConfig) -> None:
     root.setLevel(config.level)
     # aiosmtpd logs every command (addresses included) at INFO; we log one line per message.
     logging.getLogger("mail.log").setLevel(max(logging.WARNING, root.level))
+
+
+def build_runtime(
+    config: Config, metrics: Metrics | None = None, engine: FilterEngine | None = None
+) -> Runtime:
+    """Load the model named by `config` unless `engine` is given (slow: in a thread once serving)."""
+    if engine is None:
+        from spamfilterd.engine import FilterEngine
+
+        engine = FilterEngine.from_config(config)
+    batcher = Batcher(
+        engine,
+        batch_size=config.model.batch_size,
+        wait_ms=config.smtp.batch_wait_ms,
+        workers=config.smtp.workers,
+        timeout=config.smtp.classify_timeout,
+        on_batch=metrics.observe_batch if metrics is not None else None,
+    )
+    return Runtime(config, engine, batcher)
+
+
+def smtp_proxy(runtime: Runtime, metrics: Metrics, hostname: str | None = None) -> SmtpProxy:
+    """The SMTP/LMTP door: the listener, with one handler for all its connections."""
+    return SmtpProxy(runtime, metrics, ProxyHandler(), hostname)
 
 
 class Daemon:
@@ -106,7 +117,7 @@ class Daemon:
         self.config_path = config_path
         self.model_path = model_path
         self.metrics = metrics
-        self.proxy = SmtpProxy(runtime, metrics)
+        self.proxy = smtp_proxy(runtime, metrics)
         self.spamd = SpamdServer(lambda: self.proxy.runtime, metrics)
         self.health = HealthServer(metrics, readiness=lambda: not_ready_reason(self.proxy))
         self._stop = asyncio.Event()

@@ -30,7 +30,7 @@ from spamfilterd.config import SpamdConfig
 from spamfilterd.engine import CheckResult
 from spamfilterd.rules import Decision, Envelope
 from spamfilterd.scores import score_text
-from spamfilterd.smtp import logfmt, message_id
+from spamfilterd.smtp import message_id
 from spamfilterd.spamd_protocol import (
     EX_DATAERR,
     EX_OK,
@@ -48,8 +48,8 @@ from spamfilterd.spamd_protocol import (
 )
 
 if TYPE_CHECKING:
+    from spamfilterd.batcher import Runtime
     from spamfilterd.http import Metrics
-    from spamfilterd.smtp import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -472,7 +472,7 @@ class SpamdServer:
             "ms": round(seconds * 1000),
             "model": runtime.engine.model_id,
         }
-        log.info(logfmt(fields), extra={"fields": fields})
+        log.info("request %s", request.verb, extra={"fields": fields})
 
 
 def _clear_stale_socket(path: Path) -> None:

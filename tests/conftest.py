@@ -43,7 +43,7 @@ def sms_corpus() -> Path:
 @pytest.fixture(scope="module")
 def lt():
     """An asyncio loop in a thread, for the SMTP and spamd doors (one per test module)."""
-    from tests.test_smtp import LoopThread
+    from tests.helpers import LoopThread
 
     loop_thread = LoopThread()
     yield loop_thread

@@ -1,14 +1,13 @@
 """Data loading for the trainer: the SMS corpus read verbatim, the reference split, CSVs, mail."""
 
 import csv
-import mailbox
 import zipfile
-from email.message import EmailMessage
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from tests.helpers import email_bytes, make_email_corpus, make_mail
 from trainer.corpus import SMS_SHA256, read_sms_bytes, sha256_of
 from trainer.data import (
     DataOptions,
@@ -152,27 +151,6 @@ def test_one_class_only_is_refused(tmp_path):
         build_splits(DataOptions(train_csv=path))
 
 
-def _email(subject: str, body: str) -> bytes:
-    message = EmailMessage()
-    message["From"] = "someone@example.org"
-    message["To"] = "me@example.org"
-    message["Subject"] = subject
-    message.set_content(body)
-    return message.as_bytes()
-
-
-def make_mail(tmp_path: Path, n: int = 12) -> tuple[Path, Path]:
-    """A maildir of ham and an mbox of spam, with one exact duplicate each."""
-    ham = mailbox.Maildir(tmp_path / "ham", create=True)
-    for i in [*range(n), 0]:
-        ham.add(_email(f"Minutes of meeting {i}", f"Hi team, notes from meeting {i} are attached. Bob"))
-    spam = mailbox.mbox(tmp_path / "spam.mbox", create=True)
-    for i in [*range(n), 0]:
-        spam.add(_email(f"WIN {i} FREE prizes", f"Claim your {i}000 GBP prize now, call 0906{i:04d}"))
-    spam.flush()
-    return tmp_path / "ham", tmp_path / "spam.mbox"
-
-
 def test_mail_folders_go_through_message_to_text_and_are_deduplicated(tmp_path):
     ham, spam = make_mail(tmp_path)
     frame, empty = read_mail([ham], 0)
@@ -196,26 +174,11 @@ def test_csv_paths_are_read_as_messages(tmp_path):
     for i in range(6):
         for label, subject in (("ham", "Lunch"), ("spam", "Cheap meds")):
             name = f"msgs/{label}{i}.eml"
-            (tmp_path / name).write_bytes(_email(f"{subject} {i}", f"body of {label} {i}"))
+            (tmp_path / name).write_bytes(email_bytes(f"{subject} {i}", f"body of {label} {i}"))
             rows.append([label, name])
     frame = read_labelled_csv(_write_csv(tmp_path / "paths.csv", rows, ("Label", "Path")))
     assert len(frame) == 12
     assert "Cheap meds 0" in frame["Text"][1]
-
-
-def make_email_corpus(root: Path, n: int = 10) -> Path:
-    """Folders named as in the SpamAssassin public corpus: easy_ham, hard_ham, spam (and noise)."""
-    layout = {
-        "easy_ham": lambda i: _email(f"Re: build {i} failed", f"The nightly build {i} broke on arm64. Tom"),
-        "hard_ham": lambda i: _email(f"Newsletter {i}", f"Our September offers, issue {i}. Unsubscribe."),
-        "spam": lambda i: _email(f"Make ${i}000 fast", f"Work from home and earn {i}000 dollars weekly!"),
-        "notes": lambda i: b"not mail at all",
-    }
-    for folder, make in layout.items():
-        (root / folder).mkdir(parents=True)
-        for i in range(n):
-            (root / folder / f"{i:05d}.txt").write_bytes(make(i))
-    return root
 
 
 def test_email_corpus_labels_folders_by_name(tmp_path):

@@ -24,9 +24,9 @@ import yaml
 from spamfilterd.config import load_config
 from spamfilterd.engine import GTUBE, FilterEngine
 from spamfilterd.http import HealthServer, Metrics
-from spamfilterd.smtp import SmtpProxy, build_runtime
-from tests.test_serve import START_TIMEOUT, Notifications, free_port
-from tests.test_smtp import BODY, LoopThread, Sink, make_message, split
+from spamfilterd.serve import build_runtime, smtp_proxy
+from spamfilterd.smtp_server import SmtpProxy
+from tests.helpers import BODY, START_TIMEOUT, LoopThread, Notifications, Sink, free_port, make_message, split
 
 
 class FaultyModel:
@@ -75,7 +75,7 @@ def rig(tmp_path, tiny_checkpoint, request):
     config = load_config(tmp_path / "config.yaml")
     metrics = Metrics()
     runtime = build_runtime(config, metrics, FilterEngine(config, model))
-    proxy = SmtpProxy(runtime, metrics, hostname="proxy.test")
+    proxy = smtp_proxy(runtime, metrics, hostname="proxy.test")
     _, port = lt.run(proxy.start("127.0.0.1", 0))
     yield Rig(lt, sink, model, proxy, port)
     model.release.set()

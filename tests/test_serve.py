@@ -14,7 +14,6 @@ import smtplib
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -23,40 +22,18 @@ import yaml
 
 from spamfilterd.config import load_config
 from spamfilterd.http import Metrics
-from spamfilterd.serve import Daemon
-from spamfilterd.smtp import build_runtime
-from tests.test_smtp import HAM, SPAM, LoopThread, Sink, make_message, split
-
-START_TIMEOUT = 90  # importing torch on a busy 2-core machine
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Notifications:
-    """The receiving end of $NOTIFY_SOCKET, as systemd would hold it."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.seen: list[str] = []
-
-    def wait_for(self, line: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                message = self.sock.recv(4096).decode()
-            except TimeoutError:
-                break
-            self.seen.append(message)
-            if line in message.splitlines():
-                return message
-        raise AssertionError(f"no {line!r} from the daemon within {timeout} s; got {self.seen}")
+from spamfilterd.serve import Daemon, build_runtime
+from tests.helpers import (
+    HAM,
+    SPAM,
+    START_TIMEOUT,
+    LoopThread,
+    Notifications,
+    Sink,
+    free_port,
+    make_message,
+    split,
+)
 
 
 @pytest.fixture

@@ -16,189 +16,21 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP
 
+from spamfilterd.batcher import Runtime
 from spamfilterd.config import load_config
 from spamfilterd.engine import GTUBE, FilterEngine
 from spamfilterd.http import HealthServer, Metrics
-from spamfilterd.smtp import (
-    OTHER_POLICY,
-    QuarantineError,
-    Runtime,
-    SmtpProxy,
-    build_runtime,
-    logfmt,
-    message_id,
-)
-
-DSN_PARAMS = {"RET", "ENVID", "NOTIFY", "ORCPT"}
-HAM = {"spam": 1.01, "unsure": 1.01}  # every score is below: everything is ham
-SPAM = {"spam": 0.0, "unsure": 0.0}  # every score is at or above: everything is spam
-
-BODY = (
-    "Grüße aus Köln!\r\n"
-    ".a line that starts with a dot\r\n"
-    "..and one with two\r\n"
-    "tab\tand trailing blanks   \r\n" + "x" * 1500 + "\r\n"
-    "\r\n"
-    "=?utf-8?q?not_decoded?= \x7f\r\n"
-    "end\r\n"
-).encode()
-
-
-def make_message(tag: str, body: bytes = BODY) -> bytes:
-    head = (
-        "From: Alice <alice@example.org>\r\n"
-        "To: bob@example.net\r\n"
-        f"Subject: test {tag}\r\n"
-        f"Message-ID: <{tag}@test.example>\r\n"
-        "X-Spam-Flag: YES\r\n"  # forged: must not survive
-        "MIME-Version: 1.0\r\n"
-        "Content-Type: text/plain; charset=utf-8\r\n"
-        "Content-Transfer-Encoding: 8bit\r\n"
-        "\r\n"
-    )
-    return head.encode() + body
-
-
-def split(message: bytes) -> tuple[bytes, bytes]:
-    head, _, body = message.partition(b"\r\n\r\n")
-    return head + b"\r\n", body
-
-
-class LoopThread:
-    """An event loop in a daemon thread; `run` executes a coroutine there and waits for it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 30):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
-@dataclass
-class Received:
-    mail_from: str
-    mail_options: list[str]
-    rcpt_tos: list[str]
-    content: bytes
-
-
-@dataclass
-class SinkHandler:
-    """The downstream MTA: records what it accepts; replies can be scripted per address."""
-
-    received: list[Received] = field(default_factory=list)
-    rcpt_replies: dict[str, str] = field(default_factory=dict)  # RCPT TO address -> refusal
-    data_reply: str | None = None  # refuse every DATA with this reply
-    lmtp_data_replies: dict[str, str] = field(default_factory=dict)  # LMTP: per-recipient refusal
-    dsn: bool = True  # announce DSN, as Postfix does
-    commands: list[str] = field(default_factory=list)  # raw MAIL FROM / RCPT TO arguments
-
-    async def handle_EHLO(self, server, session, envelope, hostname, responses):
-        session.host_name = hostname
-        return [*responses[:-1], "250-DSN", responses[-1]] if self.dsn else responses
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if address in self.rcpt_replies:
-            return self.rcpt_replies[address]
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
-
-    async def handle_DATA(self, server, session, envelope):
-        if self.data_reply:
-            return self.data_reply
-        replies = [self.lmtp_data_replies.get(r, "250 2.0.0 Ok: delivered") for r in envelope.rcpt_tos]
-        accepted = [r for r, reply in zip(envelope.rcpt_tos, replies, strict=True) if reply.startswith("2")]
-        if accepted:
-            self.received.append(
-                Received(envelope.mail_from, list(envelope.mail_options), accepted, envelope.original_content)
-            )
-        if isinstance(server, LMTP):
-            return "\r\n".join(replies)
-        return "250 2.0.0 Ok: queued"
-
-
-class _LikePostfix:
-    """Long lines and DSN parameters accepted; raw MAIL/RCPT arguments recorded."""
-
-    line_length_limit = 1 << 20
-
-    def _getparams(self, params):
-        result = super()._getparams(params)
-        return None if result is None else {k: v for k, v in result.items() if k not in DSN_PARAMS}
-
-    async def smtp_MAIL(self, arg):
-        self.event_handler.commands.append(arg)
-        await super().smtp_MAIL(arg)
-
-    async def smtp_RCPT(self, arg):
-        self.event_handler.commands.append(arg)
-        await super().smtp_RCPT(arg)
-
-
-class SinkSMTP(_LikePostfix, SMTP):
-    pass
-
-
-class SinkLMTP(_LikePostfix, LMTP):
-    pass
-
-
-class Sink:
-    """A real aiosmtpd server on 127.0.0.1 that can be stopped and restarted on the same port."""
-
-    def __init__(self, lt: LoopThread, lmtp: bool = False, dsn: bool = True, **smtp_kwargs) -> None:
-        self.lt = lt
-        self.lmtp = lmtp
-        self.handler = SinkHandler(dsn=dsn)
-        self.smtp_kwargs = {"enable_SMTPUTF8": True, **smtp_kwargs}
-        self.server: asyncio.Server | None = None
-        self.sessions: list[SMTP] = []
-        self.port = 0
-
-    def _protocol(self) -> SMTP:
-        session = (SinkLMTP if self.lmtp else SinkSMTP)(
-            self.handler, hostname="sink.test", loop=self.lt.loop, **self.smtp_kwargs
-        )
-        self.sessions.append(session)
-        return session
-
-    def start(self) -> Sink:
-        async def start():
-            self.server = await self.lt.loop.create_server(
-                self._protocol, "127.0.0.1", self.port, reuse_address=True
-            )
-            self.port = self.server.sockets[0].getsockname()[1]
-
-        self.lt.run(start())
-        return self
-
-    def stop(self) -> None:
-        async def stop():
-            self.server.close()
-            for session in self.sessions:
-                if session.transport is not None:
-                    session.transport.abort()
-            self.sessions.clear()
-
-        self.lt.run(stop())
-
-    @property
-    def received(self) -> list[Received]:
-        return self.handler.received
+from spamfilterd.logformat import LogfmtFormatter, logfmt
+from spamfilterd.serve import build_runtime, smtp_proxy
+from spamfilterd.smtp import OTHER_POLICY, message_id
+from spamfilterd.smtp_server import QuarantineError, SmtpProxy
+from tests.helpers import BODY, HAM, SPAM, LoopThread, Sink, make_message, split
 
 
 @dataclass
@@ -248,7 +80,7 @@ def harness(lt, classifier, tiny_checkpoint, tmp_path, request):
         config = load_config(path)
         return build_runtime(config, metrics, engine=FilterEngine(config, classifier))
 
-    proxy = SmtpProxy(make_runtime(**options), metrics, hostname="proxy.test")
+    proxy = smtp_proxy(make_runtime(**options), metrics, hostname="proxy.test")
     _, port = lt.run(proxy.start("127.0.0.1", 0))
     yield Harness(lt, sink, proxy, port, make_runtime)
     lt.run(proxy.shutdown(grace=2))
@@ -623,7 +455,7 @@ def test_dot_stuffing_and_reply_rendering():
 def test_log_line_has_the_fields_and_no_body(harness, caplog):
     caplog.set_level("INFO", logger="spamfilterd.smtp")
     harness.send(make_message("logged"), rcpts=["a@example.net", "b@example.net"])
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "spamfilterd.smtp"]
+    (line,) = [LogfmtFormatter().format(r) for r in caplog.records if r.name == "spamfilterd.smtp"]
     for part in (
         "message_id=<logged@test.example>",
         "from=alice@example.org",
@@ -1075,3 +907,26 @@ def test_after_a_refused_data_command_the_session_goes_on(harness, lt):
         assert fake.commands[fake.commands.index(b"DATA") + 1] == b"RSET"  # no nested MAIL next
     finally:
         fake.close()
+
+
+def test_two_interleaved_connections_keep_their_own_transactions(harness):
+    """One handler serves every connection: each transaction downstream lives on its own session."""
+    first, second = harness.client(), harness.client()
+    for conn in (first, second):
+        conn.ehlo()
+    assert first.mail("alice@example.org")[0] == 250
+    assert second.mail("carol@example.org")[0] == 250
+    assert first.rcpt("bob@example.net", ["NOTIFY=FAILURE"])[0] == 250
+    assert second.rcpt("dave@example.net")[0] == 250
+    assert first.rcpt("eve@example.net")[0] == 250
+    first.rset()  # abandons only the first connection's transaction
+    assert second.data(make_message("second"))[0] == 250
+    assert first.sendmail("alice@example.org", ["frank@example.net"], make_message("first")) == {}
+    first.quit()
+    second.quit()
+    got = {(r.mail_from, tuple(r.rcpt_tos)) for r in harness.sink.received}
+    assert got == {
+        ("carol@example.org", ("dave@example.net",)),
+        ("alice@example.org", ("frank@example.net",)),
+    }
+    assert len(harness.sink.sessions) == 2  # one downstream connection per client connection

@@ -21,13 +21,14 @@ import yaml
 from aiospamc.connections import Timeout
 from aiospamc.responses import UnavailableException
 
+from spamfilterd.batcher import Runtime
 from spamfilterd.config import ConfigError, load_config
 from spamfilterd.engine import GTUBE, FilterEngine
 from spamfilterd.http import Metrics
-from spamfilterd.smtp import Runtime, build_runtime
+from spamfilterd.serve import build_runtime
 from spamfilterd.spamd import SpamdServer, peer_allowed
 from spamfilterd.spamd_protocol import REQUIRED_SCORE, spamd_score
-from tests.test_smtp import HAM, SPAM, LoopThread, make_message, split
+from tests.helpers import HAM, SPAM, LoopThread, make_message, split
 
 TIMEOUT = Timeout(total=30)
 

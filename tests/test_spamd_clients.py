@@ -25,10 +25,10 @@ from spamfilterd.engine import GTUBE, FilterEngine
 from spamfilterd.http import Metrics
 from spamfilterd.pipe import classify
 from spamfilterd.rules import Envelope
-from spamfilterd.smtp import SmtpProxy, build_runtime
+from spamfilterd.serve import build_runtime, smtp_proxy
 from spamfilterd.spamc import SpamdClient
 from spamfilterd.spamd import SpamdServer
-from tests.test_smtp import LoopThread, Sink
+from tests.helpers import LoopThread, Sink
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPAMC = shutil.which("spamc")
@@ -262,7 +262,7 @@ def test_spamd_smtp_and_pipe_doors_give_identical_verdicts_and_headers(daemon):
     data["smtp"] = {"downstream": f"127.0.0.1:{sink.port}"}  # same model, thresholds and rules
     (daemon["work"] / "smtp.yaml").write_text(yaml.safe_dump(data, allow_unicode=True))
     config = load_config(daemon["work"] / "smtp.yaml")
-    proxy = SmtpProxy(build_runtime(config, Metrics(), engine=engine), Metrics(), hostname="proxy.test")
+    proxy = smtp_proxy(build_runtime(config, Metrics(), engine=engine), Metrics(), hostname="proxy.test")
     _, smtp_port = lt.run(proxy.start("127.0.0.1", 0))
     client = SpamdClient(f"unix:{daemon['socket']}", 30)
     try:

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from spamfilterd.classifier import SpamClassifier
-from tests.test_data import make_email_corpus, make_mail
+from tests.helpers import make_email_corpus, make_mail
 from trainer.cli import main
 
 TINY = ["--arch", "gpt-tiny", "--epochs", "2", "--eval-every", "20", "--threads", "2", "--no-progress"]
