@@ -20,13 +20,13 @@ import stat
 import time
 import weakref
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spamfilterd.batcher import ClassifierError
-from spamfilterd.config import SpamdConfig, split_spamd_address
+from spamfilterd.config import SpamdConfig
 from spamfilterd.engine import CheckResult
 from spamfilterd.rules import Decision, Envelope
 from spamfilterd.scores import score_text
@@ -244,7 +244,7 @@ def headers_only(message: bytes) -> bytes:
 
 
 def response(
-    code: int, headers: list[tuple[str, str]] = (), body: bytes | None = None, text: str = ""
+    code: int, headers: Sequence[tuple[str, str]] = (), body: bytes | None = None, text: str = ""
 ) -> bytes:
     status = text or STATUS_NAMES.get(code, "EX_SOFTWARE")
     head = f"SPAMD/{PROTOCOL_VERSION} {code} {status}\r\n"
@@ -320,7 +320,7 @@ class SpamdServer:
         bound = []
         for address in addresses:
             if address.startswith("unix:"):
-                path = Path(split_spamd_address(address))
+                path = Path(address.removeprefix("unix:"))  # checked by the config
                 _clear_stale_socket(path)
                 server = await asyncio.start_unix_server(self._serve, path=str(path), limit=MAX_LINE)
                 os.chmod(path, int(socket_mode, 8))
@@ -424,7 +424,7 @@ class SpamdServer:
             message = await runtime.batcher.unchecked(request.body)
             decision = Decision(verdict="unchecked", score=0.0, actions=("accept",), rule="-")
             result = CheckResult(decision, message, 0, ["classifier failed; message unchecked"])
-        payload = answer(request, result, engine.spam_threshold, engine.model_id)
+        payload = answer(request, result, engine.thresholds.spam, engine.model_id)
         self._record(runtime, request, envelope, result, "answered", started)
         await self._send(writer, payload)
 

@@ -24,6 +24,7 @@ import yaml
 from spamfilterd.config import load_config
 from spamfilterd.engine import GTUBE, FilterEngine
 from spamfilterd.http import HealthServer, Metrics
+from spamfilterd.scores import Thresholds
 from spamfilterd.smtp import SmtpProxy, build_runtime
 from tests.test_serve import START_TIMEOUT, Notifications, free_port
 from tests.test_smtp import BODY, LoopThread, Sink, make_message, split
@@ -33,8 +34,7 @@ class FaultyModel:
     """Stands in for SpamClassifier: scores 0.1 (ham), or hangs, or raises, as the test says."""
 
     model_id = "faulty-test"
-    spam_threshold = 0.5
-    unsure_threshold = 0.3
+    thresholds = Thresholds(spam=0.5, unsure=0.3)
 
     def __init__(self) -> None:
         self.mode = "ok"  # ok | hang | fail
