@@ -14,6 +14,7 @@ from pathlib import Path
 from spamfilterd.config import Config, ModelConfig
 from spamfilterd.engine import FilterEngine
 from spamfilterd.rules import Envelope
+from spamfilterd.scores import Thresholds
 from spamfilterd.tagging import rewrite_headers, status_headers
 
 
@@ -21,8 +22,7 @@ class ConstantClassifier:
     """Answers 0.1 for every text: stands in for the model, whose cost does not depend on headers."""
 
     model_id = "constant"
-    spam_threshold = 0.5
-    unsure_threshold = 0.5
+    thresholds = Thresholds()
 
     def score(self, texts: list[str]) -> list[float]:
         return [0.1] * len(texts)

@@ -31,7 +31,7 @@ def main() -> None:
         results[precision] = classifier.score(texts)
         rate = len(texts) / (time.perf_counter() - start)
         print(f"{precision}: {rate:.1f} msg/s over {len(texts)} messages")
-    threshold = classifier.spam_threshold
+    threshold = classifier.thresholds.spam
     diffs = [abs(a - b) for a, b in zip(results["fp32"], results["bf16"], strict=True)]
     flips = sum(
         (a >= threshold) != (b >= threshold) for a, b in zip(results["fp32"], results["bf16"], strict=True)

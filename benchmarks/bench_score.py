@@ -15,6 +15,7 @@ import time
 import torch
 from torch import nn
 
+from spamfilterd.checkpoint import ModelCard
 from spamfilterd.classifier import SpamClassifier
 from spamfilterd.model import PRESETS, GPTModel, classifier_from
 from spamfilterd.tokenizer import get_tokenizer
@@ -32,7 +33,7 @@ def build(preset: str, mode: str, tokens: int, batch: int, base: GPTModel) -> Sp
     precision = "bf16" if mode == "bf16" else "fp32"
     if mode == "int8":
         model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-    card = {"name": f"bench-{preset}", "max_tokens": tokens, "thresholds": {"spam": 0.5}}
+    card = ModelCard(architecture=base.cfg.to_dict(), name=f"bench-{preset}", max_tokens=tokens)
     return SpamClassifier(model.eval(), card, torch.device("cpu"), precision, batch_size=batch)
 
 

@@ -6,7 +6,7 @@ and the average of their logit margins (temperature fitted on validation, thresh
 
 import argparse
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from model_quality import EMAIL, SETUPS, SMS, data_options
 from train_recipes import parse_overrides
 
 from spamfilterd.classifier import encode_text
+from spamfilterd.scores import Thresholds
 from spamfilterd.tokenizer import get_tokenizer
 from trainer.calibration import fit_temperature
 from trainer.data import source_kind
@@ -36,13 +37,13 @@ def report(name, splits, val_margins, test_margins) -> dict:
     val = 1 / (1 + np.exp(-val_margins / temperature))
     test = 1 / (1 + np.exp(-test_margins / temperature))
     thresholds = choose_thresholds(val_labels, val)
-    line = {"name": name, "T": round(temperature, 3), "thresholds": thresholds}
+    line = {"name": name, "T": round(temperature, 3), "thresholds": asdict(thresholds)}
     kinds = np.array([source_kind(source) for source in splits.test["Source"]])
     labels = splits.test["Label"].astype(int).to_numpy()
     for kind in sorted(set(kinds)):
         rows = kinds == kind
         metrics = split_metrics(list(labels[rows]), list(test[rows]), thresholds)
-        argmax = split_metrics(list(labels[rows]), list(test[rows]), {"spam": 0.5, "unsure": 0.5})
+        argmax = split_metrics(list(labels[rows]), list(test[rows]), Thresholds())
         line[kind] = {
             k: round(float(metrics[k]), 4) for k in ("accuracy", "fpr", "recall", "unsure_share", "ece")
         }

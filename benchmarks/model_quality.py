@@ -25,6 +25,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from train_recipes import parse_overrides
 
+from spamfilterd.scores import Thresholds
 from trainer.calibration import fit_temperature
 from trainer.crossval import FOLDS, pooled, stratified_folds
 from trainer.data import DataOptions, Splits, build_splits, source_kind
@@ -108,13 +110,13 @@ def baseline_metrics(splits: Splits, seed: int, max_fpr: float, unsure_fpr: floa
 
     scores, counted = tfidf_baseline(splits, seed, max_fpr)
     thresholds = choose_thresholds(*counted, max_fpr, unsure_fpr)
-    result = {"thresholds": thresholds}
+    result = {"thresholds": asdict(thresholds)}
     for kind in sorted({source_kind(source) for source in splits.test["Source"]}):
         rows = _rows(splits.test, kind)
         labels = [int(splits.test["Label"].iloc[row]) for row in rows]
         values = [scores["test"][row] for row in rows]
         result[kind] = _summary(split_metrics(labels, values, thresholds))
-        result[kind + "_argmax"] = _summary(split_metrics(labels, values, {"spam": 0.5, "unsure": 0.5}))
+        result[kind + "_argmax"] = _summary(split_metrics(labels, values, Thresholds()))
     return result
 
 

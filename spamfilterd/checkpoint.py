@@ -1,33 +1,140 @@
 """The checkpoint format: `model.safetensors` (weights) + `model.json` (architecture and model card).
 
 Loading never unpickles; the weights' sha256 is recorded at save time so a truncated or swapped
-file is caught before it is used.
+file is caught before it is used. The card is read here and only here (`ModelCard`); torch is
+imported only to save or load weights, so `check-config` reads a card without it.
 """
+
+from __future__ import annotations
 
 import hashlib
 import json
 import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from spamfilterd import __version__
 from spamfilterd.checkpoint_layout import CARD_FILE, WEIGHTS_FILE, checkpoint_files
-from spamfilterd.model import GPTConfig, GPTModel
-from spamfilterd.tokenizer import TOKENIZER_NAME
+from spamfilterd.scores import DEFAULT_THRESHOLD, Thresholds, valid_threshold
+
+if TYPE_CHECKING:
+    import torch
+
+    from spamfilterd.model import GPTModel
 
 FORMAT_VERSION = 1
-DEFAULT_THRESHOLDS = {"spam": 0.5, "unsure": 0.5}
+RETRAIN = "retrain with spamfilterd-train, or fix the value in the card"
 
 
 class CheckpointError(Exception):
     """A checkpoint is missing, damaged or does not fit its description; the message names the file."""
 
 
+@dataclass(frozen=True)
+class ModelCard:
+    """What serving needs from model.json, typed and checked; the trainer's report in the same file
+    (data, metrics, history) is for people and is not read back.
+
+    Keys newer than some cards have defaults that score those cards as they always were scored.
+    """
+
+    architecture: dict[str, Any]  # spamfilterd.model.GPTConfig's fields
+    name: str = "model"
+    max_tokens: int | None = None  # None: the architecture's context length
+    thresholds: Thresholds = field(default_factory=Thresholds)  # the card's unsure defaults to its spam
+    temperature: float = 1.0  # cards from before calibration: logits are not scaled
+    n_outputs: int = 2
+    weights_sha256: str | None = None  # None: the weights are not verified
+
+    @property
+    def model_id(self) -> str:
+        """`name@sha` as headers and logs show it."""
+        return f"{self.name}@{(self.weights_sha256 or 'unknown')[:12]}"
+
+    @classmethod
+    def load(cls, path: Path) -> ModelCard:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: not a readable model card ({exc})") from exc
+        return cls.from_dict(data, path)
+
+    @classmethod
+    def from_dict(cls, data: Any, path: Path) -> ModelCard:
+        """The card in `data` (read from `path`, which errors name)."""
+        if not isinstance(data, dict) or not isinstance(data.get("architecture"), dict):
+            raise CheckpointError(
+                f"{path}: no 'architecture' in the model card; not a spamfilterd checkpoint"
+            )
+        version = _typed(data, "format_version", int, 0, path, minimum=0)
+        if version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path}: format_version {version} is newer than this spamfilterd "
+                f"({__version__}) understands; upgrade spamfilterd"
+            )
+        temperature = data.get("temperature", 1.0)
+        if not (
+            isinstance(temperature, int | float)
+            and not isinstance(temperature, bool)
+            and math.isfinite(temperature)
+            and temperature > 0
+        ):
+            raise CheckpointError(
+                f"{path}: 'temperature' must be a positive number (the trainer writes it), got "
+                f"{temperature!r}; retrain, or remove the key to score without calibration"
+            )
+        return cls(
+            architecture=data["architecture"],
+            name=_typed(data, "name", str, "model", path),
+            max_tokens=_typed(data, "max_tokens", int, None, path),
+            thresholds=_thresholds(data.get("thresholds", {}), path),
+            temperature=float(temperature),
+            n_outputs=_typed(data, "n_outputs", int, 2, path),
+            weights_sha256=_typed(data, "weights_sha256", str, None, path),
+        )
+
+
+def _typed(data: dict, key: str, kind: type, default: Any, path: Path, minimum: int = 1) -> Any:
+    """`data[key]`, checked to be a `kind` (an int at least `minimum`); `default` when absent."""
+    if key not in data:
+        return default
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise CheckpointError(f"{path}: '{key}' must be a {kind.__name__}, got {value!r}; {RETRAIN}")
+    if isinstance(value, int) and value < minimum:
+        raise CheckpointError(f"{path}: '{key}' must be at least {minimum}, got {value!r}; {RETRAIN}")
+    return value
+
+
+def _thresholds(data: Any, path: Path) -> Thresholds:
+    """The card's thresholds: 0.5 where it has none; without an unsure band where it has no unsure.
+    An unsure threshold above the spam one only empties the band, as it always did."""
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"{path}: 'thresholds' must be a mapping with spam and unsure, got {data!r}; {RETRAIN}"
+        )
+    values = {}
+    for key in ("spam", "unsure"):
+        if key in data:
+            try:
+                values[key] = valid_threshold(data[key])
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: 'thresholds.{key}': {exc}; {RETRAIN}") from None
+    spam = values.get("spam", DEFAULT_THRESHOLD)
+    return Thresholds(spam, min(values.get("unsure", spam), spam))
+
+
 def save_checkpoint(model: GPTModel, out_dir: Path, card: dict) -> Path:
-    """Write weights and card into `out_dir`; returns the directory."""
+    """Write weights and card into `out_dir`; returns the directory.
+
+    `card` is the trainer's: the keys ModelCard reads plus its report. The written card is read
+    back as a ModelCard first, so the trainer cannot write one the daemon refuses.
+    """
+    from safetensors.torch import save_file
+
+    from spamfilterd.tokenizer import TOKENIZER_NAME
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_FILE
@@ -37,16 +144,17 @@ def save_checkpoint(model: GPTModel, out_dir: Path, card: dict) -> Path:
     full_card = {
         "format_version": FORMAT_VERSION,
         "spamfilterd_version": __version__,
-        "name": card.get("name", out_dir.name),
+        "name": out_dir.name,
         "labels": ["ham", "spam"],
         "max_tokens": model.cfg.context_length,
-        "thresholds": dict(DEFAULT_THRESHOLDS),
+        "thresholds": asdict(Thresholds()),
         **card,
         "architecture": model.cfg.to_dict(),
         "n_outputs": model.n_outputs,
         "tokenizer": TOKENIZER_NAME,
         "weights_sha256": file_sha256(weights),
     }
+    ModelCard.from_dict(full_card, out_dir / CARD_FILE)
     tmp = out_dir / (CARD_FILE + ".tmp")
     tmp.write_text(json.dumps(full_card, indent=2, sort_keys=False) + "\n")
     tmp.replace(out_dir / CARD_FILE)
@@ -65,48 +173,29 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     return weights, card
 
 
-def read_card(card_path: Path) -> dict:
-    try:
-        card = json.loads(Path(card_path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{card_path}: not a readable model card ({exc})") from exc
-    if not isinstance(card, dict) or "architecture" not in card:
-        raise CheckpointError(
-            f"{card_path}: no 'architecture' in the model card; not a spamfilterd checkpoint"
-        )
-    temperature = card.get("temperature", 1.0)
-    if not isinstance(temperature, int | float) or not math.isfinite(temperature) or temperature <= 0:
-        raise CheckpointError(
-            f"{card_path}: 'temperature' must be a positive number (the trainer writes it), got "
-            f"{temperature!r}; retrain, or remove the key to score without calibration"
-        )
-    if card.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{card_path}: format_version {card['format_version']} is newer than this spamfilterd "
-            f"({__version__}) understands; upgrade spamfilterd"
-        )
-    return card
-
-
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[GPTModel, dict]:
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[GPTModel, ModelCard]:
     """The classifier in eval mode and its card."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from spamfilterd.model import GPTConfig, GPTModel
+
     weights, card_path = resolve_checkpoint(path)
-    card = read_card(card_path)
-    expected_sha = card.get("weights_sha256")
-    if expected_sha and file_sha256(weights) != expected_sha:
+    card = ModelCard.load(card_path)
+    if card.weights_sha256 and file_sha256(weights) != card.weights_sha256:
         raise CheckpointError(
             f"{weights}: sha256 does not match {card_path} (truncated copy, or weights from another "
             f"checkpoint); copy the checkpoint directory again"
         )
     try:
-        cfg = GPTConfig(**card["architecture"])
+        cfg = GPTConfig(**card.architecture)
     except TypeError as exc:
         raise CheckpointError(f"{card_path}: bad 'architecture' ({exc})") from exc
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
-    model = GPTModel(cfg, n_outputs=card.get("n_outputs", 2))
+    model = GPTModel(cfg, n_outputs=card.n_outputs)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

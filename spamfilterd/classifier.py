@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from spamfilterd.checkpoint import load_checkpoint
-from spamfilterd.rules import verdict_for
+from spamfilterd.checkpoint import ModelCard, load_checkpoint
+from spamfilterd.scores import Verdict
 from spamfilterd.tokenizer import PAD_TOKEN_ID, get_tokenizer
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -67,21 +67,22 @@ def autocast_for(device: torch.device, precision: str):
 class SpamClassifier:
     """A loaded checkpoint that scores texts; thread-compatible but not re-entrant (one caller at a time)."""
 
-    def __init__(self, model, card: dict, device: torch.device, precision: str, batch_size: int = 16):
+    def __init__(
+        self, model, card: ModelCard | dict, device: torch.device, precision: str, batch_size: int = 16
+    ):
+        if isinstance(card, dict):  # the trainer's card while it is being written (trainer/train.py)
+            card = ModelCard.from_dict({"architecture": model.cfg.to_dict(), **card}, Path("<training>"))
         self.model = model
         self.card = card
         self.device = device
         self.precision = precision
         self.batch_size = batch_size
         self.tokenizer = get_tokenizer()
-        self.max_tokens = min(int(card.get("max_tokens", model.cfg.context_length)), model.cfg.context_length)
-        thresholds = card.get("thresholds", {})
-        self.spam_threshold = float(thresholds.get("spam", 0.5))
-        self.unsure_threshold = float(thresholds.get("unsure", self.spam_threshold))
-        # Temperature scaling (fitted by the trainer on validation data) makes P(spam) calibrated;
-        # cards written before it existed have none and score as they always did.
-        self.temperature = float(card.get("temperature", 1.0))
-        self.model_id = f"{card.get('name', 'model')}@{card.get('weights_sha256', 'unknown')[:12]}"
+        self.max_tokens = min(card.max_tokens or model.cfg.context_length, model.cfg.context_length)
+        self.thresholds = card.thresholds
+        # Temperature scaling (fitted by the trainer on validation data) makes P(spam) calibrated.
+        self.temperature = card.temperature
+        self.model_id = card.model_id
 
     @classmethod
     def load(
@@ -113,7 +114,7 @@ class SpamClassifier:
                 scores[row] = probability
         return scores
 
-    def classify(self, text: str) -> tuple[str, float]:
+    def classify(self, text: str) -> tuple[Verdict, float]:
         """("spam" | "unsure" | "ham", P(spam)) at the model card's thresholds, by the daemon's rule."""
         score = self.score([text])[0]
-        return verdict_for(score, self.spam_threshold, self.unsure_threshold), score
+        return self.thresholds.verdict(score), score

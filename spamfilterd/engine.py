@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from spamfilterd.config import Config, effective_thresholds
 from spamfilterd.message import header_from_domain, looks_like_email, message_to_text
-from spamfilterd.rules import Decision, Envelope, decide_per_recipient, verdict_for
+from spamfilterd.rules import Decision, Envelope, decide_per_recipient
 from spamfilterd.tagging import STATUS, original_recipients_header, rewrite_headers, status_headers
 
 if TYPE_CHECKING:
@@ -46,8 +46,7 @@ class FilterEngine:
         self.config = config
         self.classifier = classifier
         self.model_id: str = classifier.model_id
-        card = {"spam": classifier.spam_threshold, "unsure": classifier.unsure_threshold}
-        self.spam_threshold, self.unsure_threshold = effective_thresholds(config, card)
+        self.thresholds = effective_thresholds(config, classifier.thresholds)
 
     @classmethod
     def from_config(cls, config: Config) -> FilterEngine:
@@ -84,7 +83,7 @@ class FilterEngine:
                 score, verdict = 1.0, "spam"
             else:
                 score = float(next(model_scores))
-                verdict = verdict_for(score, self.spam_threshold, self.unsure_threshold)
+                verdict = self.thresholds.verdict(score)
             groups = decide_per_recipient(
                 self.config.rules, verdict, score, envelope, header_from_domain(raw), gtube=is_test
             )
@@ -103,7 +102,7 @@ class FilterEngine:
 
     def tag(self, raw: bytes, decision: Decision, envelope: Envelope, bare_text: bool = False) -> bytes:
         """Strip forged X-Spam headers, write ours, apply subject-prefix and the redirect header."""
-        headers = status_headers(decision, self.spam_threshold, self.model_id)
+        headers = status_headers(decision, self.thresholds.spam, self.model_id)
         if "redirect" in decision.actions and envelope.rcpt_tos:
             headers.append(original_recipients_header(envelope.rcpt_tos))
         prefix = decision.subject_prefix if "subject-prefix" in decision.actions else None

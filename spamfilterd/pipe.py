@@ -25,7 +25,7 @@ from spamfilterd.config import (
     config_to_dict,
     effective_thresholds,
     load_config,
-    read_card_thresholds,
+    read_model_card,
 )
 from spamfilterd.rules import Envelope
 from spamfilterd.scores import score_on_grid
@@ -151,15 +151,17 @@ def check_config(config_path: Path | None, model_path: Path | None) -> None:
     """Validate the config and the checkpoint files; print the effective config as YAML."""
     try:
         config = load_config(config_path, model_path)
-        card = read_card_thresholds(config.model.checkpoint)
-        spam, unsure = effective_thresholds(config, card)
+        thresholds = effective_thresholds(config, read_model_card(config.model.checkpoint).thresholds)
     except ConfigError as exc:
         _exit(str(exc), EXIT_CONFIG_ERROR, False)
     from spamfilterd import __version__
 
     source = config.source or "built-in defaults (no config file found)"
     click.echo(f"# spamfilterd {__version__}: effective configuration from {source}")
-    click.echo(f"# thresholds in effect: spam={spam:g} unsure={unsure:g} (null below = from the model card)")
+    click.echo(
+        f"# thresholds in effect: spam={thresholds.spam:g} unsure={thresholds.unsure:g}"
+        " (null below = from the model card)"
+    )
     click.echo(yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True), nl=False)
 
 
@@ -208,7 +210,7 @@ class _Classifier:
 
     @property
     def spam_threshold(self) -> float:
-        return self.client.spam_threshold if self.client is not None else self._local().spam_threshold
+        return self.client.spam_threshold if self.client is not None else self._local().thresholds.spam
 
     @property
     def batch_size(self) -> int:

@@ -1,17 +1,20 @@
-"""Verdicts and rules: what happens to a message once the classifier has scored it.
+"""Rules: what happens to a message once the classifier has scored it.
 
-Rules are plain data (built and validated by `spamfilterd.config`); this module only evaluates
-them, so the SMTP proxy and the pipe filter reach the same decision for the same message.
+The `rules:` list of the config is read and checked here (`parse_rules`, the grammar beside the
+data it builds) and evaluated here, so the SMTP proxy and the pipe filter reach the same decision
+for the same message.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
+from typing import Any
 
-from spamfilterd.scores import score_on_grid, threshold_on_grid
+from spamfilterd.schema import ConfigError, kind, mapping, number, optional, parse, setting, string_list
+from spamfilterd.scores import VERDICTS
 
-VERDICTS = ("ham", "unsure", "spam")
 ACTIONS = ("accept", "tag", "subject-prefix", "redirect", "reject", "tempfail")
 # Actions that decide the fate of the message alone: they combine with nothing else.
 EXCLUSIVE_ACTIONS = ("accept", "reject", "tempfail")
@@ -20,6 +23,8 @@ DEFAULT_SUBJECT_PREFIX = "[SPAM] "
 DEFAULT_REJECT_TEXT = "Message rejected as spam"
 DEFAULT_TEMPFAIL_TEXT = "Message deferred by the spam filter, please try again later"
 DEFAULT_RULE = "default"
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_ADDRESS = re.compile(r"[^@\s<>,\"]+@[^@\s<>,\"]+")
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,17 @@ class Envelope:
 
     mail_from: str = ""
     rcpt_tos: tuple[str, ...] = ()
+
+
+def _verdicts(value: Any, key: str) -> tuple[str, ...]:
+    verdicts = string_list(lower=True)(value, key)
+    for verdict in verdicts:
+        if verdict not in VERDICTS:
+            raise ConfigError(f"{key}: unknown verdict {verdict!r} (expected one of: {', '.join(VERDICTS)})")
+    return verdicts
+
+
+_PATTERNS = string_list(lower=True)  # glob patterns of addresses or domains
 
 
 @dataclass(frozen=True)
@@ -39,18 +55,24 @@ class Match:
     postmaster never decides for the other recipients of the same message.
     """
 
-    verdicts: tuple[str, ...] | None = None
-    score_min: float | None = None  # score >= score_min
-    score_max: float | None = None  # score < score_max
-    sender_in: tuple[str, ...] | None = None
-    sender_not_in: tuple[str, ...] | None = None
-    from_domain_in: tuple[str, ...] | None = None
-    from_domain_not_in: tuple[str, ...] | None = None
-    recipient_in: tuple[str, ...] | None = None
-    recipient_not_in: tuple[str, ...] | None = None
+    verdict: tuple[str, ...] | None = setting(None, optional(_verdicts))
+    score_min: float | None = setting(None, optional(number(positive=False)))  # score >= score_min
+    score_max: float | None = setting(None, optional(number(positive=False)))  # score < score_max
+    sender_in: tuple[str, ...] | None = setting(None, _PATTERNS)
+    sender_not_in: tuple[str, ...] | None = setting(None, _PATTERNS)
+    from_domain_in: tuple[str, ...] | None = setting(None, _PATTERNS)
+    from_domain_not_in: tuple[str, ...] | None = setting(None, _PATTERNS)
+    recipient_in: tuple[str, ...] | None = setting(None, _PATTERNS)
+    recipient_not_in: tuple[str, ...] | None = setting(None, _PATTERNS)
+
+    def validate(self, path: str) -> None:
+        if self.score_min is not None and self.score_max is not None and self.score_min >= self.score_max:
+            raise ConfigError(
+                f"{path}: score_min ({self.score_min}) must be below score_max ({self.score_max})"
+            )
 
     def matches(self, verdict: str, score: float, envelope: Envelope, from_domain: str | None) -> bool:
-        if self.verdicts is not None and verdict not in self.verdicts:
+        if self.verdict is not None and verdict not in self.verdict:
             return False
         if self.score_min is not None and score < self.score_min:
             return False
@@ -102,16 +124,6 @@ class Decision:
     def flagged(self) -> bool:
         """True when the message is marked as spam for mail clients (`X-Spam-Flag: YES`)."""
         return "tag" in self.actions
-
-
-def verdict_for(score: float, spam_threshold: float, unsure_threshold: float) -> str:
-    """The verdict on the printed grid (spamfilterd.scores), so headers never contradict it."""
-    printed = score_on_grid(score)
-    if printed >= threshold_on_grid(spam_threshold):
-        return "spam"
-    if printed >= threshold_on_grid(unsure_threshold):
-        return "unsure"
-    return "ham"
 
 
 def decide(
@@ -203,3 +215,103 @@ def _list_holds(values: list[str], allow, deny, matcher) -> bool:
     if allow is not None and not any_hit(allow):
         return False
     return deny is None or not any_hit(deny)
+
+
+def parse_rules(data: Any, key: str = "rules") -> tuple[Rule, ...]:
+    """The `rules:` list, validated; rules without a name are named by position (`rules[2]`)."""
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise ConfigError(f"{key}: expected a list of rules, got {kind(data)}")
+    rules = tuple(_rule(item, f"{key}[{i}]") for i, item in enumerate(data))
+    names = [rule.name for rule in rules]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"{key}[{i}].name: duplicate rule name {name!r}")
+    return rules
+
+
+_ACTION_DEFAULTS = {
+    "subject-prefix": DEFAULT_SUBJECT_PREFIX,
+    "reject": DEFAULT_REJECT_TEXT,
+    "tempfail": DEFAULT_TEMPFAIL_TEXT,
+}
+_ACTION_FIELDS = {
+    "subject-prefix": "subject_prefix",
+    "redirect": "redirect_to",
+    "reject": "reject_text",
+    "tempfail": "tempfail_text",
+}
+
+
+def _rule(data: Any, path: str) -> Rule:
+    given = mapping(data, path, ["name", "match", "actions"])
+    name = given.get("name")
+    if name is not None and (not isinstance(name, str) or not _NAME.fullmatch(name)):
+        raise ConfigError(f"{path}.name: expected letters, digits, '_', '.', '-' only; got {name!r}")
+    raw_actions = given.get("actions")
+    if raw_actions is None:
+        raise ConfigError(f"{path}.actions: missing (expected a list, e.g. [tag, subject-prefix])")
+    if not isinstance(raw_actions, list):
+        raw_actions = [raw_actions]
+    if not raw_actions:
+        raise ConfigError(f"{path}.actions: expected at least one action")
+    params: dict[str, Any] = {}
+    for i, item in enumerate(raw_actions):
+        action, arg = _action(item, f"{path}.actions[{i}]")
+        if action in params:
+            raise ConfigError(f"{path}.actions[{i}]: action {action!r} given twice")
+        params[action] = arg
+    for action in EXCLUSIVE_ACTIONS:
+        if action in params and len(params) > 1:
+            others = ", ".join(a for a in params if a != action)
+            raise ConfigError(f"{path}.actions: {action!r} cannot be combined with {others}")
+    return Rule(
+        name=name or path,
+        match=parse(Match, given.get("match"), f"{path}.match"),
+        actions=tuple(params),
+        **{
+            _ACTION_FIELDS[action]: arg if arg is not None else _ACTION_DEFAULTS.get(action)
+            for action, arg in params.items()
+            if action in _ACTION_FIELDS
+        },
+    )
+
+
+def _action(item: Any, path: str) -> tuple[str, str | None]:
+    """An action is a name (`tag`) or a one-key mapping with its argument (`redirect: addr`)."""
+    arg = None
+    if isinstance(item, dict) and len(item) == 1:
+        item, arg = next(iter(item.items()))
+    if not isinstance(item, str):
+        raise ConfigError(f"{path}: expected an action name or a one-key mapping, got {kind(item)}")
+    if item not in ACTIONS:
+        raise ConfigError(f"{path}: unknown action {item!r} (expected one of: {', '.join(ACTIONS)})")
+    if arg is not None and not isinstance(arg, str):
+        raise ConfigError(f"{path}: the argument of {item} must be a string, got {kind(arg)}")
+    if item in ("accept", "tag") and arg is not None:
+        raise ConfigError(f"{path}: {item} takes no argument")
+    if item == "redirect" and (arg is None or not _ADDRESS.fullmatch(arg)):
+        raise ConfigError(
+            f"{path}: redirect needs one address, e.g. {{redirect: quarantine@example.com}}; got {arg!r}"
+        )
+    if item == "subject-prefix" and arg is not None and not re.fullmatch(r"[ -~]{0,49}[!-~][ -~]{0,49}", arg):
+        raise ConfigError(f"{path}: the subject prefix must be 1-50 printable ASCII characters, got {arg!r}")
+    if item in ("reject", "tempfail") and arg is not None and not re.fullmatch(r"[ -~]{1,200}", arg):
+        raise ConfigError(f"{path}: the {item} text must be 1-200 printable ASCII characters, got {arg!r}")
+    return item, arg
+
+
+def rule_to_dict(rule: Rule, index: int) -> dict[str, Any]:
+    """`rule` in the YAML form `parse_rules` reads; a rule named by its position stays unnamed."""
+    out: dict[str, Any] = {} if rule.name == f"rules[{index}]" else {"name": rule.name}
+    out["match"] = {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in asdict(rule.match).items()
+        if value is not None
+    }
+    out["actions"] = [
+        {action: getattr(rule, _ACTION_FIELDS[action])} if action in _ACTION_FIELDS else action
+        for action in rule.actions
+    ]
+    return out

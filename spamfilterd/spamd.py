@@ -424,7 +424,7 @@ class SpamdServer:
             message = await runtime.batcher.unchecked(request.body)
             decision = Decision(verdict="unchecked", score=0.0, actions=("accept",), rule="-")
             result = CheckResult(decision, message, 0, ["classifier failed; message unchecked"])
-        payload = answer(request, result, engine.spam_threshold, engine.model_id)
+        payload = answer(request, result, engine.thresholds.spam, engine.model_id)
         self._record(runtime, request, envelope, result, "answered", started)
         await self._send(writer, payload)
 

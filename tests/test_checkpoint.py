@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from spamfilterd.checkpoint import CheckpointError, load_checkpoint, read_card, resolve_checkpoint
+from spamfilterd.checkpoint import CheckpointError, ModelCard, load_checkpoint, resolve_checkpoint
 from spamfilterd.model import PRESETS
+from spamfilterd.scores import Thresholds
 
 from .conftest import make_tiny_checkpoint
 
@@ -12,10 +13,11 @@ from .conftest import make_tiny_checkpoint
 def test_round_trip_keeps_weights_and_card(tmp_path):
     out = make_tiny_checkpoint(tmp_path / "ckpt", thresholds={"spam": 0.8, "unsure": 0.4})
     model, card = load_checkpoint(out)
-    assert card["thresholds"] == {"spam": 0.8, "unsure": 0.4}
-    assert card["architecture"] == PRESETS["gpt-tiny"].to_dict()
-    assert card["tokenizer"] == "gpt2" and card["labels"] == ["ham", "spam"]
-    assert len(card["weights_sha256"]) == 64
+    assert card.thresholds == Thresholds(spam=0.8, unsure=0.4)
+    assert card.architecture == PRESETS["gpt-tiny"].to_dict()
+    assert card.model_id == f"tiny-test@{card.weights_sha256[:12]}" and len(card.weights_sha256) == 64
+    written = json.loads((out / "model.json").read_text())
+    assert written["tokenizer"] == "gpt2" and written["labels"] == ["ham", "spam"]
     assert not model.training
     ids = torch.randint(0, 50257, (1, 8))
     again, _ = load_checkpoint(out / "model.safetensors")  # the file form finds model.json beside it
@@ -46,9 +48,64 @@ def test_unreadable_and_mismatched(tmp_path):
         load_checkpoint(out)
     (out / "model.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a readable model card"):
-        read_card(out / "model.json")
+        ModelCard.load(out / "model.json")
     del card["weights_sha256"]
     (out / "model.json").write_text(json.dumps(card))
     (out / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         load_checkpoint(out)
+
+
+def test_a_card_from_before_calibration_loads_with_the_documented_defaults(tmp_path):
+    """A card written before `temperature` (and the unsure band) existed scores as it always did."""
+    out = make_tiny_checkpoint(tmp_path / "old")
+    card = json.loads((out / "model.json").read_text())
+    for newer in ("temperature", "format_version", "max_tokens", "n_outputs", "name"):
+        card.pop(newer, None)
+    card["thresholds"] = {"spam": 0.7}
+    (out / "model.json").write_text(json.dumps(card))
+    _, loaded = load_checkpoint(out)
+    assert (loaded.temperature, loaded.n_outputs, loaded.max_tokens, loaded.name) == (1.0, 2, None, "model")
+    assert loaded.thresholds == Thresholds(spam=0.7, unsure=0.7)  # no unsure band
+    del card["thresholds"]
+    (out / "model.json").write_text(json.dumps(card))
+    assert ModelCard.load(out / "model.json").thresholds == Thresholds(spam=0.5, unsure=0.5)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("temperature", "hot", "'temperature' must be a positive number"),
+        (
+            "thresholds",
+            {"spam": 1.5},
+            "'thresholds.spam': expected a probability between 0 and 1.01, got 1.5",
+        ),
+        ("thresholds", {"spam": 0.8, "unsure": "low"}, "'thresholds.unsure': expected a finite number"),
+        ("thresholds", [0.8], "'thresholds' must be a mapping"),
+        ("max_tokens", 0, "'max_tokens' must be at least 1, got 0"),
+        ("n_outputs", "2", "'n_outputs' must be a int, got '2'"),
+        ("name", None, "'name' must be a str, got None"),
+        ("format_version", 99, "format_version 99 is newer than this spamfilterd"),
+        ("architecture", None, "no 'architecture' in the model card"),
+    ],
+)
+def test_a_bad_card_value_names_the_key_and_the_file(tmp_path, key, value, expected):
+    out = make_tiny_checkpoint(tmp_path / "bad")
+    card = json.loads((out / "model.json").read_text())
+    card[key] = value
+    (out / "model.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError) as info:
+        ModelCard.load(out / "model.json")
+    assert str(info.value).startswith(f"{out / 'model.json'}: ") and expected in str(info.value)
+
+
+def test_an_unsure_threshold_above_spam_in_a_card_only_empties_the_band(tmp_path):
+    out = make_tiny_checkpoint(tmp_path / "odd", thresholds={"spam": 0.6, "unsure": 0.9})
+    assert ModelCard.load(out / "model.json").thresholds == Thresholds(spam=0.6, unsure=0.6)
+
+
+def test_the_trainer_cannot_write_a_card_the_daemon_refuses(tmp_path):
+    with pytest.raises(CheckpointError, match="'temperature' must be a positive number"):
+        make_tiny_checkpoint(tmp_path / "never", temperature=0.0)
+    assert not (tmp_path / "never" / "model.json").exists()

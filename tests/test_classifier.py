@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -6,7 +7,6 @@ import torch
 from spamfilterd import SpamClassifier
 from spamfilterd.checkpoint import CheckpointError
 from spamfilterd.classifier import encode_text, pad_batch
-from spamfilterd.rules import verdict_for
 from spamfilterd.tokenizer import PAD_TOKEN_ID, get_tokenizer
 from tests.conftest import make_tiny_checkpoint
 
@@ -24,7 +24,7 @@ def test_scores_are_probabilities(tiny_checkpoint):
     scores = classifier.score(TEXTS)
     assert len(scores) == len(TEXTS) and all(0.0 <= s <= 1.0 for s in scores)
     label, score = classifier.classify(TEXTS[0])
-    assert label == verdict_for(score, 0.5, 0.3) and score == pytest.approx(scores[0], abs=1e-5)
+    assert label == classifier.thresholds.verdict(score) and score == pytest.approx(scores[0], abs=1e-5)
     assert classifier.model_id.startswith("tiny-test@") and classifier.max_tokens == 64
 
 
@@ -44,7 +44,9 @@ def test_temperature_from_the_card_scales_the_logits(tmp_path):
 
 @pytest.mark.parametrize("bad", [0, -1.0, "2", float("inf")])
 def test_a_bad_temperature_is_refused_with_the_file_named(tmp_path, bad):
-    checkpoint = make_tiny_checkpoint(tmp_path / "bad", temperature=bad)
+    checkpoint = make_tiny_checkpoint(tmp_path / "bad")
+    card = json.loads((checkpoint / "model.json").read_text())
+    (checkpoint / "model.json").write_text(json.dumps({**card, "temperature": bad}))  # a hand-edited card
     with pytest.raises(CheckpointError, match=r"model\.json: 'temperature' must be a positive number"):
         SpamClassifier.load(checkpoint, device="cpu")
 

@@ -18,6 +18,7 @@ from spamfilterd.config import (
     load_config,
     split_host_port,
 )
+from spamfilterd.scores import Thresholds
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "config.yaml"
 
@@ -222,12 +223,14 @@ def test_actions_with_arguments_and_defaults(workdir):
 def test_effective_thresholds():
     def effective(**thresholds):
         config = Config(model=ModelConfig(Path("m")), thresholds=ThresholdsConfig(**thresholds))
-        return effective_thresholds(config, {"spam": 0.6, "unsure": 0.4})
+        found = effective_thresholds(config, Thresholds(spam=0.6, unsure=0.4))
+        return found.spam, found.unsure
 
     assert effective() == (0.6, 0.4)
     assert effective(spam=0.0) == (0.0, 0.0)
     assert effective(spam=1.01, unsure=1.01) == (1.01, 1.01)
     assert effective(unsure=0.2) == (0.6, 0.2)
+    assert effective(spam=0.5004) == (0.501, 0.4)  # on the printed grid
     expected = r"built-in defaults: thresholds\.unsure: 0\.7 is above the model card's spam threshold 0\.6"
     with pytest.raises(ConfigError, match=expected):
         effective(unsure=0.7)

@@ -24,6 +24,7 @@ import yaml
 from spamfilterd.config import load_config
 from spamfilterd.engine import GTUBE, FilterEngine
 from spamfilterd.http import HealthServer, Metrics
+from spamfilterd.scores import Thresholds
 from spamfilterd.serve import build_runtime, smtp_proxy
 from spamfilterd.smtp_server import SmtpProxy
 from tests.helpers import BODY, START_TIMEOUT, LoopThread, Notifications, Sink, free_port, make_message, split
@@ -33,8 +34,7 @@ class FaultyModel:
     """Stands in for SpamClassifier: scores 0.1 (ham), or hangs, or raises, as the test says."""
 
     model_id = "faulty-test"
-    spam_threshold = 0.5
-    unsure_threshold = 0.3
+    thresholds = Thresholds(spam=0.5, unsure=0.3)
 
     def __init__(self) -> None:
         self.mode = "ok"  # ok | hang | fail

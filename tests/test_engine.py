@@ -5,9 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from spamfilterd.config import Config, ConfigError, ModelConfig, ThresholdsConfig, parse_rules
+from spamfilterd.config import Config, ConfigError, ModelConfig, ThresholdsConfig
 from spamfilterd.engine import GTUBE, FilterEngine
-from spamfilterd.rules import Envelope
+from spamfilterd.message import message_to_text
+from spamfilterd.rules import Envelope, parse_rules
+from spamfilterd.scores import Thresholds, score_on_grid
+from tests.conftest import make_tiny_checkpoint
 
 BODY = b"Hi Bob,\r\n\r\nare we still on for lunch?\r\n-- \r\nAlice\r\n"
 MAIL = (
@@ -58,7 +61,7 @@ def test_check_many_scores_a_batch_in_one_model_call(classifier, tiny_checkpoint
 
 def test_thresholds_default_to_the_model_card(classifier, tiny_checkpoint):
     engine = _engine(classifier, tiny_checkpoint)
-    assert (engine.spam_threshold, engine.unsure_threshold) == (0.5, 0.3)
+    assert engine.thresholds == Thresholds(spam=0.5, unsure=0.3)
     result = engine.check(MAIL)
     score = result.decision.score
     assert result.decision.verdict == ("spam" if score >= 0.5 else "unsure" if score >= 0.3 else "ham")
@@ -182,3 +185,23 @@ def test_sample_messages_keep_headers_and_body_bytes(classifier, tiny_checkpoint
     ]
     assert new_head.startswith(b"X-Spam-Flag: YES\nX-Spam-Status: Yes, score=")
     assert new_head.count(b"X-Spam-") == 5
+
+
+def test_a_score_in_the_unsure_band_is_unsure_for_classify_and_for_the_daemon(tmp_path):
+    """`SpamClassifier.classify` and the engine decide by the same rule, unsure band included."""
+    from spamfilterd.classifier import SpamClassifier
+
+    text = message_to_text(MAIL, 1_048_576).text
+    probe = SpamClassifier.load(make_tiny_checkpoint(tmp_path / "probe"), device="cpu", threads=1)
+    printed = score_on_grid(probe.score([text])[0])
+    # The same weights (same seed), with the band's edges on either side of that score on the grid.
+    band = {"spam": printed + 0.001, "unsure": printed}
+    classifier = SpamClassifier.load(make_tiny_checkpoint(tmp_path / "band", band), device="cpu", threads=1)
+    verdict, score = classifier.classify(text)
+    assert verdict == "unsure" and score_on_grid(score) == printed
+    decision = (
+        FilterEngine(Config(model=ModelConfig(checkpoint=tmp_path / "band")), classifier).check(MAIL).decision
+    )
+    assert (decision.verdict, score_on_grid(decision.score)) == ("unsure", printed)
+    above = Thresholds(spam=printed, unsure=printed - 0.001)
+    assert above.verdict(score) == "spam"

@@ -2,15 +2,15 @@
 
 import pytest
 
-from spamfilterd.config import parse_rules
 from spamfilterd.rules import (
     Envelope,
     address_matches,
     decide,
     decide_per_recipient,
+    parse_rules,
     recipient_policy,
-    verdict_for,
 )
+from spamfilterd.scores import Thresholds
 
 RULES = parse_rules(
     [
@@ -43,7 +43,7 @@ def _decide(verdict, score, mail_from="", rcpt=("bob@example.com",), from_domain
     ("score", "verdict"), [(0.0, "ham"), (0.29, "ham"), (0.3, "unsure"), (0.49, "unsure"), (0.5, "spam")]
 )
 def test_verdict_thresholds_are_inclusive(score, verdict):
-    assert verdict_for(score, spam_threshold=0.5, unsure_threshold=0.3) == verdict
+    assert Thresholds(spam=0.5, unsure=0.3).verdict(score) == verdict
 
 
 def test_first_matching_rule_wins():

@@ -174,7 +174,7 @@ def test_reload_refuses_a_model_that_does_not_load_and_keeps_the_old_one(
     write_config(config, tiny_checkpoint, 10026, 10025, 9025, SPAM)
     assert asyncio.run(daemon.reload()) is True
     assert daemon.proxy.runtime is not runtime
-    assert daemon.proxy.runtime.engine.spam_threshold == 0.0
+    assert daemon.proxy.runtime.engine.thresholds.spam == 0.0
     assert metrics.reloads["ok"] == 1
 
 

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from spamfilterd.classifier import SpamClassifier
+from spamfilterd.scores import Thresholds
 from tests.helpers import make_email_corpus, make_mail
 from trainer.cli import main
 
@@ -79,7 +80,7 @@ def test_training_writes_checkpoint_card_and_plots(trained, small_corpus):
     assert len(card["history"]["val_accuracy"]) == 2 and card["history"]["train_loss"]
     assert "epoch 1 (step 000020): train loss" in output and "validation accuracy" in output
     classifier = SpamClassifier.load(out, device="cpu")
-    assert classifier.spam_threshold == card["thresholds"]["spam"]
+    assert classifier.thresholds == Thresholds(**card["thresholds"])
     assert classifier.temperature == card["temperature"]
     assert classifier.max_tokens == card["max_tokens"]
 

@@ -2,6 +2,7 @@
 
 import pytest
 
+from spamfilterd.scores import Thresholds
 from trainer.metrics import (
     can_measure,
     choose_thresholds,
@@ -50,10 +51,10 @@ def test_thresholds_are_ordered_and_on_the_grid():
     labels = [0] * 200 + [1] * 200
     scores = [i / 1000 for i in range(200)] + [0.99] * 200  # ham up to 0.199
     thresholds = choose_thresholds(labels, scores, max_fpr=0.005, unsure_fpr=0.05)
-    assert thresholds == {"spam": 0.5, "unsure": 0.5}
+    assert thresholds == Thresholds(spam=0.5, unsure=0.5)
     worse = choose_thresholds([0] * 20 + [1] * 5, [0.01] * 18 + [0.7, 0.93] + [0.999] * 5, 0.0, 0.05)
-    assert worse == {"spam": 0.931, "unsure": 0.701}
-    for value in worse.values():
+    assert worse == Thresholds(spam=0.931, unsure=0.701)
+    for value in (worse.spam, worse.unsure):
         assert round(value, 3) == value
 
 

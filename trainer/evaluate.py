@@ -38,10 +38,9 @@ def evaluate(classifier: SpamClassifier, frame: pd.DataFrame) -> dict:
     started = time.perf_counter()
     scores = classifier.score(texts)
     seconds = time.perf_counter() - started
-    thresholds = {"spam": classifier.spam_threshold, "unsure": classifier.unsure_threshold}
     return {
         "model": classifier.model_id,
-        **split_metrics(labels, scores, thresholds),
+        **split_metrics(labels, scores, classifier.thresholds),
         "messages_per_second": len(texts) / seconds if seconds > 0 else float("inf"),
         "device": str(classifier.device),
     }

@@ -10,8 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from spamfilterd.rules import verdict_for
-from spamfilterd.scores import score_on_grid, threshold_on_grid
+from spamfilterd.scores import DEFAULT_THRESHOLD, Thresholds, score_on_grid
 from trainer.calibration import brier_score, expected_calibration_error
 
 DEFAULT_MAX_FPR = 0.005
@@ -51,14 +50,13 @@ def classification_metrics(labels: Sequence[int], scores: Sequence[float], thres
     }
 
 
-def split_metrics(labels: Sequence[int], scores: Sequence[float], thresholds: dict[str, float]) -> dict:
+def split_metrics(labels: Sequence[int], scores: Sequence[float], thresholds: Thresholds) -> dict:
     """What the filter does to these messages, by the daemon's verdict rule at these thresholds:
     metrics at the spam threshold, the unsure band, and calibration."""
-    spam, unsure = threshold_on_grid(thresholds["spam"]), threshold_on_grid(thresholds["unsure"])
-    unsure_count = [verdict_for(score, spam, unsure) for score in scores].count("unsure")
+    unsure_count = [thresholds.verdict(score) for score in scores].count("unsure")
     return {
         # Scores on the printed grid, so the counts are exactly the verdicts the daemon gives.
-        **classification_metrics(labels, [score_on_grid(score) for score in scores], spam),
+        **classification_metrics(labels, [score_on_grid(score) for score in scores], thresholds.spam),
         "unsure": unsure_count,
         "unsure_share": unsure_count / len(scores) if len(scores) else 0.0,
         "ece": expected_calibration_error(labels, scores),
@@ -72,9 +70,9 @@ def threshold_for_fpr(labels: Sequence[int], scores: Sequence[float], max_fpr: f
     ham = np.sort(np.asarray(scores, dtype=float)[np.asarray(labels) == 0])[::-1]
     allowed = math.floor(max_fpr * len(ham) + 1e-9)
     if allowed >= len(ham):
-        return 0.5
+        return DEFAULT_THRESHOLD
     # One grid step above the highest ham score that must not be flagged.
-    return float(min(1.0, max(0.5, round(score_on_grid(ham[allowed]) + 0.001, 3))))
+    return float(min(1.0, max(DEFAULT_THRESHOLD, round(score_on_grid(ham[allowed]) + 0.001, 3))))
 
 
 def can_measure(labels: Sequence[int], max_fpr: float) -> bool:
@@ -87,8 +85,8 @@ def choose_thresholds(
     scores: Sequence[float],
     max_fpr: float = DEFAULT_MAX_FPR,
     unsure_fpr: float = DEFAULT_UNSURE_FPR,
-) -> dict[str, float]:
-    """{"spam", "unsure"} on the printed grid, from scored ham and spam the model did not train on.
+) -> Thresholds:
+    """The thresholds, from scored ham and spam the model did not train on.
 
     The spam threshold never drops below 0.5: it should only ever make the filter more careful than
     the model's own argmax. The unsure threshold meets the looser `unsure_fpr` and stays between
@@ -97,7 +95,7 @@ def choose_thresholds(
     """
     spam = threshold_for_fpr(labels, scores, max_fpr)
     unsure = threshold_for_fpr(labels, scores, unsure_fpr)
-    return {"spam": spam, "unsure": float(np.round(min(spam, max(unsure, spam / 2)), 3))}
+    return Thresholds(spam, float(np.round(min(spam, max(unsure, spam / 2)), 3)))
 
 
 def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray, float]:

@@ -3,12 +3,13 @@ the checkpoint with its model card, draw the plots."""
 
 import datetime as dt
 import platform
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from spamfilterd.checkpoint import save_checkpoint
+from spamfilterd.scores import Thresholds
 from trainer.calibration import ECE_BINS, reliability
 from trainer.crossval import FOLDS, cross_validated_scores
 from trainer.data import DataOptions, Splits, build_splits, source_kind
@@ -52,7 +53,7 @@ def score_splits(result: TrainResult, splits: Splits) -> dict[str, tuple[list[in
 
 
 def metrics_by_source(
-    splits: Splits, scored: dict[str, tuple[list[int], list[float]]], thresholds: dict[str, float]
+    splits: Splits, scored: dict[str, tuple[list[int], list[float]]], thresholds: Thresholds
 ) -> dict[str, dict[str, dict]]:
     """Each split's metrics per kind of message (sms, email, csv), when it holds more than one kind."""
     by_source: dict[str, dict[str, dict]] = {}
@@ -115,7 +116,7 @@ def build_card(
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "max_tokens": result.max_tokens,
         "temperature": result.temperature,
-        "thresholds": thresholds,
+        "thresholds": asdict(thresholds),
         "calibration": {
             "method": "temperature scaling: logits / T, T fitted to the validation NLL",
             "selected_epoch": result.history.best_epoch,
