@@ -127,13 +127,6 @@ class GPTModel(nn.Module):
             hidden = last_positions(hidden, last_index)
         return self.out_head(hidden)
 
-    @classmethod
-    def from_pretrained(cls, source: str, cache_dir: str | None = None) -> "GPTModel":
-        """GPT-2 weights from a preset name (downloaded), an HF-layout directory or a .safetensors file."""
-        from spamfilterd.weights import load_pretrained
-
-        return load_pretrained(source, cache_dir=cache_dir)
-
 
 def last_positions(states: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
     """Each row's vector at its last real token: [batch, tokens, features] -> [batch, features]."""

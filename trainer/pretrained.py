@@ -1,5 +1,6 @@
-"""Loading OpenAI's GPT-2 weights in the Hugging Face safetensors layout.
+"""Loading OpenAI's GPT-2 weights in the Hugging Face safetensors layout, to fine-tune from.
 
+A training concern: the daemon only reads spamfilterd's own checkpoints (`spamfilterd.checkpoint`).
 Sources: a preset name (`gpt2-small` … downloaded once with huggingface_hub: cached, resumable,
 `HF_HUB_OFFLINE` honoured), a local directory with `config.json` + `model.safetensors`, or a
 local `.safetensors` file. Never unpickles anything.
