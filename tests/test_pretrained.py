@@ -46,6 +46,7 @@ def test_logits_match_transformers(tmp_path, shape, form):
         expected = reference(ids).logits
         got = ours(ids)
     assert got.shape == (3, 40, 1000)
+    assert ours.out_head.weight is ours.tok_emb.weight  # tied, as GPT-2's file has no separate head
     assert expected.abs().max() > 1.0  # the weights are large enough to expose small mistakes
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
@@ -55,8 +56,7 @@ def test_single_file_without_config_infers_gpt2_shape(tmp_path):
     from safetensors.torch import save_file
 
     cfg = GPTConfig(vocab_size=100, context_length=16, emb_dim=768, n_heads=12, n_layers=1)
-    model = GPTModel(cfg)
-    model.out_head.weight = model.tok_emb.weight  # as in GPT-2, whose files store no head
+    model = GPTModel(cfg)  # a language model: its head is tok_emb, as in GPT-2's files, which store none
     tensors = {"wte.weight": model.tok_emb.weight, "wpe.weight": model.pos_emb.weight}
     tensors |= {"ln_f.weight": model.final_norm.weight, "ln_f.bias": model.final_norm.bias}
     block = model.trf_blocks[0]
