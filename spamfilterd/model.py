@@ -5,6 +5,7 @@ as in OpenAI's GPT-2; the same module serves as language model (vocabulary-sized
 spam classifier (two-way head, see `classifier_from`).
 """
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -12,6 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from spamfilterd.tokenizer import VOCAB_SIZE
+
+INIT_STD = 0.02  # GPT-2's initializer_range
+RESIDUAL_PROJECTIONS = ("att.proj.weight", "ff.layers.2.weight")  # GPT-2's two c_proj per block
 
 
 @dataclass(frozen=True)
@@ -97,12 +101,19 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
-        # A language-model head is bias-free (GPT-2 ties it to tok_emb); a class head has a bias.
+        # A language-model head is bias-free and, as in GPT-2, shares its matrix with tok_emb (GPT-2's
+        # files store no head); a class head is its own Linear with a bias.
         if n_outputs is None:
             self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+            self.out_head.weight = self.tok_emb.weight
         else:
             self.out_head = nn.Linear(cfg.emb_dim, n_outputs, bias=True)
         self.apply(_init_weights)
+        # GPT-2's scaled init: each block adds two projections to the residual stream, so their
+        # std shrinks with depth and the stream's variance stays ~constant through 2 * n_layers sums.
+        for name, param in self.named_parameters():
+            if name.endswith(RESIDUAL_PROJECTIONS):
+                nn.init.normal_(param, std=INIT_STD / math.sqrt(2 * cfg.n_layers))
 
     @property
     def n_outputs(self) -> int:
@@ -127,13 +138,6 @@ class GPTModel(nn.Module):
             hidden = last_positions(hidden, last_index)
         return self.out_head(hidden)
 
-    @classmethod
-    def from_pretrained(cls, source: str, cache_dir: str | None = None) -> "GPTModel":
-        """GPT-2 weights from a preset name (downloaded), an HF-layout directory or a .safetensors file."""
-        from spamfilterd.weights import load_pretrained
-
-        return load_pretrained(source, cache_dir=cache_dir)
-
 
 def last_positions(states: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
     """Each row's vector at its last real token: [batch, tokens, features] -> [batch, features]."""
@@ -141,13 +145,13 @@ def last_positions(states: torch.Tensor, last_index: torch.Tensor) -> torch.Tens
 
 
 def _init_weights(module: nn.Module) -> None:
-    # GPT-2's initialisation; it matters when training from random weights.
+    """GPT-2's base initialisation (N(0, 0.02), zero biases); it matters when training from random weights."""
     if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=0.02)
+        nn.init.normal_(module.weight, std=INIT_STD)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, std=0.02)
+        nn.init.normal_(module.weight, std=INIT_STD)
 
 
 def classifier_from(model: GPTModel, n_classes: int = 2) -> GPTModel:

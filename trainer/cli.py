@@ -33,7 +33,7 @@ class DefaultCommandGroup(click.Group):
 def _friendly_errors(run):
     """Known failures become one `Error: ...` line and exit status 1, not a traceback."""
     from spamfilterd.checkpoint import CheckpointError
-    from spamfilterd.weights import WeightsError
+    from trainer.pretrained import WeightsError
 
     try:
         return run()

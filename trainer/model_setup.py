@@ -8,6 +8,7 @@ keeping, so it trains everything.
 from dataclasses import replace
 
 from spamfilterd.model import PRESETS, GPTModel, classifier_from
+from trainer.pretrained import load_pretrained
 
 TRAINABLE_CHOICES = ("head", "last-block", "last-two-blocks", "all")
 PRETRAINED_NAMES = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -19,7 +20,7 @@ def build_model(weights: str, arch: str, dropout: float) -> GPTModel:
         if arch not in PRESETS:
             raise ValueError(f"unknown --arch '{arch}'; choose one of {', '.join(PRESETS)}")
         return GPTModel(replace(PRESETS[arch], drop_rate=dropout), n_outputs=2)
-    pretrained = GPTModel.from_pretrained(weights)
+    pretrained = load_pretrained(weights)
     if dropout:
         # Dropout is fixed at construction, so rebuild with the rate and copy the weights over.
         rebuilt = GPTModel(replace(pretrained.cfg, drop_rate=dropout))

@@ -1,5 +1,6 @@
-"""Loading OpenAI's GPT-2 weights in the Hugging Face safetensors layout.
+"""Loading OpenAI's GPT-2 weights in the Hugging Face safetensors layout, to fine-tune from.
 
+A training concern: the daemon only reads spamfilterd's own checkpoints (`spamfilterd.checkpoint`).
 Sources: a preset name (`gpt2-small` … downloaded once with huggingface_hub: cached, resumable,
 `HF_HUB_OFFLINE` honoured), a local directory with `config.json` + `model.safetensors`, or a
 local `.safetensors` file. Never unpickles anything.
@@ -23,6 +24,28 @@ HF_REPOS = {
 }
 # GPT-2's published sizes: emb_dim fixes the number of heads when no config.json is at hand.
 HEADS_BY_EMB_DIM = {768: 12, 1024: 16, 1280: 20, 1600: 25}
+
+# Our parameter names -> Hugging Face's. Per block, True marks a Conv1D weight stored as [in, out].
+TOP_LEVEL_NAMES = {
+    "tok_emb.weight": "wte.weight",
+    "pos_emb.weight": "wpe.weight",
+    "final_norm.weight": "ln_f.weight",
+    "final_norm.bias": "ln_f.bias",
+}
+BLOCK_NAMES = {
+    "norm1.weight": ("ln_1.weight", False),
+    "norm1.bias": ("ln_1.bias", False),
+    "att.qkv.weight": ("attn.c_attn.weight", True),
+    "att.qkv.bias": ("attn.c_attn.bias", False),
+    "att.proj.weight": ("attn.c_proj.weight", True),
+    "att.proj.bias": ("attn.c_proj.bias", False),
+    "norm2.weight": ("ln_2.weight", False),
+    "norm2.bias": ("ln_2.bias", False),
+    "ff.layers.0.weight": ("mlp.c_fc.weight", True),
+    "ff.layers.0.bias": ("mlp.c_fc.bias", False),
+    "ff.layers.2.weight": ("mlp.c_proj.weight", True),
+    "ff.layers.2.bias": ("mlp.c_proj.bias", False),
+}
 
 
 class WeightsError(Exception):
@@ -116,26 +139,10 @@ def _copy_hf_weights(model: GPTModel, tensors: dict[str, torch.Tensor], path: Pa
         with torch.no_grad():
             param.copy_(value)
 
-    assign(model.tok_emb.weight, take("wte.weight"), "wte.weight")
-    assign(model.pos_emb.weight, take("wpe.weight"), "wpe.weight")
-    for i, block in enumerate(model.trf_blocks):
-        hf = f"h.{i}."
-        pairs = [
-            (block.norm1.weight, hf + "ln_1.weight", False),
-            (block.norm1.bias, hf + "ln_1.bias", False),
-            (block.att.qkv.weight, hf + "attn.c_attn.weight", True),
-            (block.att.qkv.bias, hf + "attn.c_attn.bias", False),
-            (block.att.proj.weight, hf + "attn.c_proj.weight", True),
-            (block.att.proj.bias, hf + "attn.c_proj.bias", False),
-            (block.norm2.weight, hf + "ln_2.weight", False),
-            (block.norm2.bias, hf + "ln_2.bias", False),
-            (block.ff.layers[0].weight, hf + "mlp.c_fc.weight", True),
-            (block.ff.layers[0].bias, hf + "mlp.c_fc.bias", False),
-            (block.ff.layers[2].weight, hf + "mlp.c_proj.weight", True),
-            (block.ff.layers[2].bias, hf + "mlp.c_proj.bias", False),
-        ]
-        for param, key, transpose in pairs:
-            assign(param, take(key, transpose), key)
-    assign(model.final_norm.weight, take("ln_f.weight"), "ln_f.weight")
-    assign(model.final_norm.bias, take("ln_f.bias"), "ln_f.bias")
-    model.out_head.weight = model.tok_emb.weight  # GPT-2 ties its output head to the token embedding
+    params = dict(model.named_parameters())  # the tied head is tok_emb.weight, listed once
+    for ours, theirs in TOP_LEVEL_NAMES.items():
+        assign(params[ours], take(theirs), theirs)
+    for i in range(model.cfg.n_layers):
+        for ours, (theirs, transpose) in BLOCK_NAMES.items():
+            key = f"h.{i}.{theirs}"
+            assign(params[f"trf_blocks.{i}.{ours}"], take(key, transpose), key)
