@@ -9,7 +9,7 @@ from spamfilterd.config import Config, ConfigError, ModelConfig, ThresholdsConfi
 from spamfilterd.engine import GTUBE, FilterEngine
 from spamfilterd.message import message_to_text
 from spamfilterd.rules import Envelope, parse_rules
-from spamfilterd.scores import Thresholds, score_on_grid
+from spamfilterd.scores import Thresholds, score_on_grid, score_text
 from tests.conftest import make_tiny_checkpoint
 
 BODY = b"Hi Bob,\r\n\r\nare we still on for lunch?\r\n-- \r\nAlice\r\n"
@@ -76,7 +76,7 @@ def test_ham_gets_status_headers_forged_ones_removed_body_unchanged(classifier, 
     assert body == BODY
     assert b"required=9" not in head and head.count(b"X-Spam-Flag") == 1
     headers = _head(result.message)
-    score = f"{result.decision.score:.3f}"
+    score = score_text(result.decision.score)  # the printed grid: floored, never rounded up
     assert headers["X-Spam-Flag"] == "NO"
     assert headers["X-Spam-Status"] == (
         f"No, score={score} required=1.010 verdict=ham rule=default model={engine.model_id}"
