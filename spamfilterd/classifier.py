@@ -67,11 +67,7 @@ def autocast_for(device: torch.device, precision: str):
 class SpamClassifier:
     """A loaded checkpoint that scores texts; thread-compatible but not re-entrant (one caller at a time)."""
 
-    def __init__(
-        self, model, card: ModelCard | dict, device: torch.device, precision: str, batch_size: int = 16
-    ):
-        if isinstance(card, dict):  # the trainer's card while it is being written (trainer/train.py)
-            card = ModelCard.from_dict({"architecture": model.cfg.to_dict(), **card}, Path("<training>"))
+    def __init__(self, model, card: ModelCard, device: torch.device, precision: str, batch_size: int = 16):
         self.model = model
         self.card = card
         self.device = device

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from spamfilterd.checkpoint import ModelCard
 from spamfilterd.classifier import (
     SpamClassifier,
     autocast_for,
@@ -237,32 +238,30 @@ def calc_loss_batch(model: GPTModel, ids: torch.Tensor, last: torch.Tensor, labe
 
 
 @torch.no_grad()
-def calc_loss_and_accuracy(model, split: EncodedSplit, device, precision, batch_size, limit=None):
+def _logits(model, split: EncodedSplit, device, precision, batch_size, limit=None):
+    """(logits, labels) of a split's batches in order, in eval mode; training mode is restored after."""
     model.eval()
-    total_loss, correct, seen = 0.0, 0, 0
     for rows in split.ordered(batch_size, limit):
         ids, last, labels = split.batch(rows, device)
         with autocast_for(device, precision):
             logits = model(ids, last).float()
+        yield logits, labels
+    model.train()
+
+
+def calc_loss_and_accuracy(model, split: EncodedSplit, device, precision, batch_size, limit=None):
+    total_loss, correct, seen = 0.0, 0, 0
+    for logits, labels in _logits(model, split, device, precision, batch_size, limit):
         total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += int((logits.argmax(dim=-1) == labels).sum())
-        seen += len(rows)
-    model.train()
+        seen += len(labels)
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
-@torch.no_grad()
 def validation_margins(model, split: EncodedSplit, device, precision) -> np.ndarray:
     """spam-minus-ham logit of every message of a split, in order."""
-    model.eval()
-    margins = []
-    for rows in split.ordered(SCORE_BATCH):
-        ids, last, _ = split.batch(rows, device)
-        with autocast_for(device, precision):
-            logits = model(ids, last).float()
-        margins.append(logit_margins(logits.cpu().numpy()))
-    model.train()
-    return np.concatenate(margins)
+    batches = _logits(model, split, device, precision, SCORE_BATCH)
+    return np.concatenate([logit_margins(logits.cpu().numpy()) for logits, _ in batches])
 
 
 def choose_max_tokens(encoded_lengths: list[int], requested: int | None, context_length: int) -> int:
@@ -470,7 +469,7 @@ def score_texts(
     precision: str,
 ) -> list[float]:
     """P(spam) exactly as the daemon computes it, so the card's metrics are the ones users will see."""
-    card = {"max_tokens": max_tokens, "temperature": temperature}
+    card = ModelCard(architecture=model.cfg.to_dict(), max_tokens=max_tokens, temperature=temperature)
     classifier = SpamClassifier(model, card, torch.device(device), precision, SCORE_BATCH)
     return classifier.score(texts)
 
