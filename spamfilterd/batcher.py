@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from spamfilterd.engine import GTUBE
+from spamfilterd.message import Header, read_header
 from spamfilterd.rules import Envelope
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from spamfilterd.engine import CheckResult, FilterEngine
 
 # What a readiness probe asks the model while the last message could not be classified.
-_PROBE = b"Subject: spamfilterd readiness probe\r\n\r\nIs the model answering?\r\n"
+_PROBE = read_header(b"Subject: spamfilterd readiness probe\r\n\r\nIs the model answering?\r\n")
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class ClassifierError(Exception):
 
 @dataclass
 class _Pending:
-    raw: bytes
+    message: Header
     envelope: Envelope
     future: asyncio.Future = field(repr=False)
 
@@ -78,22 +79,23 @@ class Batcher:
         self.model_failing = False  # the last message the model was asked about got no answer
         self._probe: asyncio.Future | None = None
 
-    async def check(self, raw: bytes, envelope: Envelope) -> CheckResult:
-        """Classify one message with whatever else is queued; ClassifierError on failure or timeout."""
-        if GTUBE in raw:  # decided before and without the model: a stuck model never lets it through
-            return await self._gtube(raw, envelope)
+    async def check(self, message: Header, envelope: Envelope) -> CheckResult:
+        """Classify one message with whatever else is queued; ClassifierError on failure or timeout.
+        The doors read the header block (`read_header`) and the engine uses that reading."""
+        if GTUBE in message.raw:  # decided before and without the model: a stuck model never lets it through
+            return await self._gtube(message, envelope)
         try:
-            result = await self._batched(raw, envelope)
+            result = await self._batched(message, envelope)
         except ClassifierError:
             self.model_failing = True
             raise
         self.model_failing = False
         return result
 
-    async def _gtube(self, raw: bytes, envelope: Envelope) -> CheckResult:
+    async def _gtube(self, message: Header, envelope: Envelope) -> CheckResult:
         """`engine.check_many` on the model-free pool: it makes no model call for a GTUBE message."""
         work = asyncio.get_running_loop().run_in_executor(
-            self._direct, self.engine.check_many, [raw], [envelope]
+            self._direct, self.engine.check_many, [message], [envelope]
         )
         try:
             async with asyncio.timeout(self._timeout):
@@ -103,9 +105,9 @@ class Batcher:
         except Exception as exc:  # as for a batch: the proxy applies on_classifier_error
             raise ClassifierError(f"GTUBE check failed: {exc!r}") from exc
 
-    async def unchecked(self, raw: bytes) -> bytes:
-        """`engine.unchecked(raw)` off the event loop, on the pool the model never occupies."""
-        return await asyncio.get_running_loop().run_in_executor(self._direct, self.engine.unchecked, raw)
+    async def unchecked(self, message: Header) -> bytes:
+        """`engine.unchecked(message)` off the event loop, on the pool the model never occupies."""
+        return await asyncio.get_running_loop().run_in_executor(self._direct, self.engine.unchecked, message)
 
     async def model_ready(self, timeout: float) -> bool:
         """True unless the model failed on the last message and does not answer a probe within
@@ -122,9 +124,9 @@ class Batcher:
             return False
         return True
 
-    async def _batched(self, raw: bytes, envelope: Envelope) -> CheckResult:
+    async def _batched(self, message: Header, envelope: Envelope) -> CheckResult:
         loop = asyncio.get_running_loop()
-        item = _Pending(raw, envelope, loop.create_future())
+        item = _Pending(message, envelope, loop.create_future())
         self._pending.append(item)
         if len(self._pending) >= self._batch_size:
             self._flush()
@@ -158,7 +160,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         try:
             work = loop.run_in_executor(
-                self._pool, _check_each, self.engine, [p.raw for p in batch], [p.envelope for p in batch]
+                self._pool, _check_each, self.engine, [p.message for p in batch], [p.envelope for p in batch]
             )
         except RuntimeError as exc:  # the pool was shut down (a reload raced with this batch)
             work = loop.create_future()
@@ -179,18 +181,18 @@ def _retrieve(probe: asyncio.Future) -> None:
         probe.exception()
 
 
-def _check_each(engine: FilterEngine, raws: list[bytes], envelopes: list[Envelope]) -> list:
+def _check_each(engine: FilterEngine, messages: list[Header], envelopes: list[Envelope]) -> list:
     """`engine.check_many`, but one bad message fails only itself: after a failed batch, each
     message is checked alone and gets its own result or its own ClassifierError."""
     try:
-        return engine.check_many(raws, envelopes)
+        return engine.check_many(messages, envelopes)
     except Exception:
-        if len(raws) == 1:
+        if len(messages) == 1:
             raise
     results: list = []
-    for raw, envelope in zip(raws, envelopes, strict=True):
+    for message, envelope in zip(messages, envelopes, strict=True):
         try:
-            results.extend(engine.check_many([raw], [envelope]))
+            results.extend(engine.check_many([message], [envelope]))
         except Exception as exc:
             results.append(ClassifierError(f"classifier failed: {exc!r}"))
     return results

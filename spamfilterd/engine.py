@@ -7,11 +7,12 @@ state, so it is exactly as thread-safe as the classifier's `score`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from spamfilterd.config import Config, effective_thresholds
-from spamfilterd.message import header_from_domain, looks_like_email, message_to_text
+from spamfilterd.message import Header, header_of, message_to_text
 from spamfilterd.rules import Decision, Envelope, decide_per_recipient
 from spamfilterd.tagging import STATUS, original_recipients_header, rewrite_headers, status_headers
 
@@ -63,36 +64,41 @@ class FilterEngine:
         )
         return cls(config, classifier)
 
-    def check(self, raw: bytes, envelope: Envelope | None = None) -> CheckResult:
-        return self.check_many([raw], [envelope or Envelope()])[0]
+    def check(self, message: bytes | Header, envelope: Envelope | None = None) -> CheckResult:
+        return self.check_many([message], [envelope or Envelope()])[0]
 
-    def check_many(self, raws: list[bytes], envelopes: list[Envelope] | None = None) -> list[CheckResult]:
-        """Check a batch with ONE classifier call; classifier errors propagate (see `unchecked`)."""
-        envelopes = envelopes if envelopes is not None else [Envelope()] * len(raws)
-        if len(envelopes) != len(raws):
-            raise ValueError(f"{len(raws)} messages but {len(envelopes)} envelopes")
+    def check_many(
+        self, messages: Sequence[bytes | Header], envelopes: Sequence[Envelope] | None = None
+    ) -> list[CheckResult]:
+        """Check a batch with ONE classifier call; classifier errors propagate (see `unchecked`).
+
+        A message is its raw bytes, or its header block as a door already read it (`read_header`):
+        each header block is read once, and the rules and tagging use that reading."""
+        envelopes = envelopes if envelopes is not None else [Envelope()] * len(messages)
+        if len(envelopes) != len(messages):
+            raise ValueError(f"{len(messages)} messages but {len(envelopes)} envelopes")
         max_bytes = self.config.message.max_bytes
-        texts = [message_to_text(raw, max_bytes) for raw in raws]
+        texts = [message_to_text(message, max_bytes) for message in messages]
         # Raw bytes, and the decoded text for a GTUBE inside a base64 or quoted-printable body.
-        gtube = [GTUBE in raw or GTUBE_TEXT in text.text for raw, text in zip(raws, texts, strict=True)]
+        gtube = [GTUBE in text.header.raw or GTUBE_TEXT in text.text for text in texts]
         to_score = [text.text for text, is_test in zip(texts, gtube, strict=True) if not is_test]
         model_scores = iter(self.classifier.score(to_score) if to_score else [])
         results = []
-        for raw, envelope, text, is_test in zip(raws, envelopes, texts, gtube, strict=True):
+        for envelope, text, is_test in zip(envelopes, texts, gtube, strict=True):
             if is_test:
                 score, verdict = 1.0, "spam"
             else:
                 score = float(next(model_scores))
                 verdict = self.thresholds.verdict(score)
             groups = decide_per_recipient(
-                self.config.rules, verdict, score, envelope, header_from_domain(raw), gtube=is_test
+                self.config.rules, verdict, score, envelope, text.header.from_domain, gtube=is_test
             )
             notes = [*text.notes, *(["GTUBE test string found"] if is_test else [])]
             deliveries = [
                 Delivery(
                     decision,
                     rcpts,
-                    self.tag(raw, decision, Envelope(envelope.mail_from, rcpts), not text.is_email),
+                    self.tag(text.header, decision, Envelope(envelope.mail_from, rcpts), not text.is_email),
                 )
                 for decision, rcpts in groups
             ]
@@ -100,14 +106,16 @@ class FilterEngine:
             results.append(CheckResult(first.decision, first.message, len(text.text), notes, deliveries))
         return results
 
-    def tag(self, raw: bytes, decision: Decision, envelope: Envelope, bare_text: bool = False) -> bytes:
-        """Strip forged X-Spam headers, write ours, apply subject-prefix and the redirect header."""
+    def tag(self, header: Header, decision: Decision, envelope: Envelope, bare_text: bool = False) -> bytes:
+        """Strip forged X-Spam headers, write ours, apply subject-prefix and the redirect header to
+        the message whose header block `header` is (read once per message, whatever the groups)."""
         headers = status_headers(decision, self.thresholds.spam, self.model_id)
         if "redirect" in decision.actions and envelope.rcpt_tos:
             headers.append(original_recipients_header(envelope.rcpt_tos))
         prefix = decision.subject_prefix if "subject-prefix" in decision.actions else None
-        return rewrite_headers(raw, headers, subject_prefix=prefix, bare_text=bare_text)
+        return rewrite_headers(header, headers, subject_prefix=prefix, bare_text=bare_text)
 
-    def unchecked(self, raw: bytes) -> bytes:
+    def unchecked(self, message: bytes | Header) -> bytes:
         """The message to pass on when the classifier failed: no forged verdict survives it."""
-        return rewrite_headers(raw, [(STATUS, "unchecked")], bare_text=not looks_like_email(raw))
+        header = header_of(message)
+        return rewrite_headers(header, [(STATUS, "unchecked")], bare_text=not header.is_email)

@@ -11,11 +11,13 @@ import binascii
 import codecs
 import email.utils
 import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
 from email.parser import BytesHeaderParser, BytesParser
 from email.policy import compat32
 from html.parser import HTMLParser
+from typing import NamedTuple
 
 DEFAULT_MAX_BYTES = 1_048_576
 MAX_DEPTH = 20
@@ -46,9 +48,22 @@ _KNOWN_HEADERS = frozenset(
         "authentication-results",
     }
 )
-_FIELD_LINE = re.compile(rb"([!-9;-~]+)[ \t]*:")
-_HEADER_SCAN_BYTES = 65_536
-_HEADER_SCAN_LINES = 500
+# Header bytes read at most, far above real mail (Postfix keeps 100 KiB of any one header): it
+# bounds the work per message; what follows is left in place, as the start of the body.
+MAX_HEADER_BYTES = 262_144
+# A field line: its name, then the colon. RFC 5322's obsolete blank before the colon is read too,
+# and marked, because strict parsers (Python's email among them) end the header block there.
+_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]*)([ \t]*):")
+# The continuation lines of a folded field (RFC 5322 2.2.3): each starts with a space or a tab.
+_CONTINUATIONS = re.compile(rb"(?:[ \t][^\n]*+(?:\n|\Z))*+")
+# A CR without LF: a line break to some parsers (Python's email among them), so it can hide a field.
+_BARE_CR = re.compile(rb"\r(?!\n)")
+# Where such a parser starts a new line inside a value: a bare CR not followed by folding blanks.
+_CR_BREAK = re.compile(rb"\r(?![\n \t])")
+# A blank line, or the end of the message after a line ending (a header block may end there).
+_BLANK_LINE = re.compile(rb"\r*(?:\n|\Z)")
+# A From: value longer than this is not a real address; it bounds the address parser's work.
+_ADDRESS_BYTES = 65_536
 # An mbox `From_` line: "From", the envelope sender, then a date, as mail spools, mutt,
 # Thunderbird ("From - ...") and git format-patch write it: asctime() (the time zone may sit
 # before the year) or, from some exporters, an RFC 5322 date.
@@ -64,33 +79,79 @@ _MBOX_FROM = re.compile(
 )
 
 
+class HeaderField(NamedTuple):
+    """One field of the header block: its name and where it lies in the raw bytes, folding included,
+    so that tagging can cut it out or rewrite it without touching a byte around it."""
+
+    name: str  # lowercased; "" for a line such as ": x", which strict parsers read as a field
+    start: int  # the first byte of the name
+    colon: int  # the colon after the name: the value runs from colon + 1 to `end`
+    end: int  # just past the line ending of the last continuation line
+    obsolete: bool  # a blank before the colon (RFC 5322 obs-syntax): strict parsers stop before it
+    hidden: frozenset[str]  # names behind a bare CR inside the field, where some parsers see a new line
+
+
+@dataclass(frozen=True)
+class Header:
+    """A message's leading header block, read once by `read_header`: the fields as byte spans for
+    tagging, and what the classifier, the rules and the logs read from them, decoded."""
+
+    raw: bytes  # the whole message, as it arrived
+    lead: int  # length of an mbox `From_` line before the fields (0 without one)
+    fields: tuple[HeaderField, ...]  # up to the first line that is neither a field nor folding
+    newline: bytes  # the message's line ending (CRLF or LF), by its first line
+    is_email: bool  # a real header block rather than a chat line such as "Hi: how are you"
+    subject: str  # the first Subject a strict parser reads, decoded; "" without one
+    from_domain: str | None  # lowercased domain of the From: address
+    message_id: str  # the first Message-ID, unfolded, printable only; "-" without one
+
+    def strict_fields(self, also: Collection[str] = ()) -> Sequence[HeaderField]:
+        """The fields a strict parser reads: up to the first with a blank before its colon, unless
+        its name is in `also` (tagging removes our own names even in that obsolete form)."""
+        return _strict_fields(self.fields, also)
+
+
 @dataclass
 class MessageText:
-    """What the classifier reads, plus what was left out and why (for logs and `--format json`)."""
+    """What the classifier reads, plus what was left out and why (for logs and `--format json`),
+    and the message's header block as read once (for the rules, the logs and tagging)."""
 
     text: str
-    subject: str
-    is_email: bool
+    header: Header
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def subject(self) -> str:
+        """The Subject the text starts with: none for a bare text ("Subject: x" as an SMS)."""
+        return self.header.subject if self.header.is_email else ""
 
-def message_to_text(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> MessageText:
-    """Turn an email or a bare SMS into classifier text; never raises, work bounded by `max_bytes`."""
-    raw = bytes(raw)
+    @property
+    def is_email(self) -> bool:
+        return self.header.is_email
+
+
+def message_to_text(message: bytes | Header, max_bytes: int = DEFAULT_MAX_BYTES) -> MessageText:
+    """Turn an email or a bare SMS into classifier text; never raises, work bounded by `max_bytes`.
+
+    `message` is the raw message, or its header block as `read_header` already read it. The header
+    block is read from the whole message (it is bounded by MAX_HEADER_BYTES on its own), since
+    tagging rewrites the whole message; only the text is cut at `max_bytes`."""
+    header = header_of(message)
+    raw = header.raw
     notes: list[str] = []
     max_bytes = max(0, max_bytes)
     if len(raw) > max_bytes:
         raw = raw[:max_bytes]
         notes.append(f"truncated at {max_bytes} bytes")
-    if _header_fields(raw) is None:
-        return MessageText(_finish(_decode_bytes(raw, None), notes), "", False, _dedupe(notes))
+    if not header.is_email:
+        return MessageText(_finish(_decode_bytes(raw, None), notes), header, _dedupe(notes))
     try:
-        subject, body = _Extractor(notes).run(raw)
+        body = _Extractor(notes).run(raw)
+        text = f"{header.subject}\n\n{body}" if header.subject else body
     except Exception as exc:  # last line of defence: a parser bug must not lose the message
         notes.append(f"could not parse as email ({type(exc).__name__}); read as plain text")
-        subject, body = "", _decode_bytes(raw, None)
-    text = f"{subject}\n\n{body}" if subject else body
-    return MessageText(_finish(text, notes), subject, True, _dedupe(notes))
+        text = _decode_bytes(raw, None)
+    return MessageText(_finish(text, notes), header, _dedupe(notes))
 
 
 def is_mbox_from_line(line: bytes) -> bool:
@@ -99,23 +160,105 @@ def is_mbox_from_line(line: bytes) -> bool:
     return _MBOX_FROM.fullmatch(line[:1000]) is not None
 
 
-def looks_like_email(raw: bytes) -> bool:
-    """Cheap check (header lines only) that `raw` is an email rather than a bare SMS/plain text,
-    by the same rule `message_to_text` uses; pipe mode needs it to know where headers can go."""
-    try:
-        return _header_fields(bytes(raw)) is not None
-    except Exception:
-        return False
+def header_of(message: bytes | Header) -> Header:
+    """The header block of `message`: as a door already read it, else read now."""
+    return message if isinstance(message, Header) else read_header(message)
 
 
-def header_from_domain(raw: bytes) -> str | None:
-    """Lowercased domain of the From: address, for rules that allow/deny by sender domain."""
+def read_header(raw: bytes) -> Header:
+    """Read the leading header block once; linear in the input and never more than
+    MAX_HEADER_BYTES of it (what lies beyond counts as body). Never raises.
+
+    Fields run up to the first line that is neither a field nor a continuation line: a blank line,
+    the body, or junk. An email needs a well-known header name among the fields before any nameless
+    one, and either two such fields or a blank line after one, so that a text such as
+    "Date: tomorrow?" or "Hi: how are you" stays a plain message.
+    """
+    raw = bytes(raw)
+    first_end = raw.find(b"\n")
+    newline = b"\r\n" if first_end > 0 and raw[first_end - 1 : first_end] == b"\r" else b"\n"
+    first_line = raw[: first_end + 1] if first_end >= 0 else raw
+    # A bare CR in a `From_` line would hide a header behind it: then it is no mbox line.
+    lead = len(first_line) if is_mbox_from_line(first_line) and not _BARE_CR.search(first_line) else 0
+    pos = lead
+    limit = len(raw)
+    if limit - pos > MAX_HEADER_BYTES:  # stop at the last line end inside the cap
+        limit = raw.rfind(b"\n", pos, pos + MAX_HEADER_BYTES) + 1 or pos
+    fields: list[HeaderField] = []
+    while pos < limit:
+        match = _FIELD.match(raw, pos, limit)
+        if match is None or (match.group(2) and not match.group(1)):
+            break
+        line_end = raw.find(b"\n", match.end(), limit)
+        line_end = limit if line_end < 0 else line_end + 1
+        continued = _CONTINUATIONS.match(raw, line_end, limit)
+        end = continued.end() if continued else line_end
+        name = match.group(1).decode("ascii").lower()
+        hidden = _hidden_names(raw[pos:end]) if _BARE_CR.search(raw, pos, end) else frozenset()
+        fields.append(HeaderField(name, pos, match.end() - 1, end, bool(match.group(2)), hidden))
+        pos = end
+    email_fields = _email_fields(fields)
+    at_line_start = raw[pos - 1 : pos] == b"\n"  # else the last field ran to the end without one
+    blank_after = (
+        len(email_fields) == len(fields) and at_line_start and _BLANK_LINE.match(raw, pos) is not None
+    )
+    is_email = any(f.name in _KNOWN_HEADERS for f in email_fields) and (len(email_fields) >= 2 or blank_after)
+    return Header(
+        raw,
+        lead,
+        tuple(fields),
+        newline,
+        is_email,
+        _subject(raw, _strict_fields(fields)),
+        _from_domain(raw, email_fields) if is_email else None,
+        _message_id(raw, email_fields),
+    )
+
+
+def _email_fields(fields: Sequence[HeaderField]) -> Sequence[HeaderField]:
+    """The fields we read an email by: a nameless one (": x") ends them."""
+    return next((fields[:i] for i, item in enumerate(fields) if not item.name), fields)
+
+
+def _strict_fields(fields: Sequence[HeaderField], also: Collection[str] = ()) -> Sequence[HeaderField]:
+    return next((fields[:i] for i, f in enumerate(fields) if f.obsolete and f.name not in also), fields)
+
+
+def _hidden_names(text: bytes) -> frozenset[str]:
+    """Header names a parser that breaks lines at a bare CR finds after one inside a field."""
+    names = set()
+    for piece in _BARE_CR.split(text)[1:]:
+        match = _FIELD.match(piece)
+        if match and match.group(1):
+            names.add(match.group(1).decode("ascii").lower())
+    return frozenset(names)
+
+
+def _first(raw: bytes, fields: Sequence[HeaderField], name: str) -> bytes | None:
+    """The raw value of the first field `name`: folding kept, surrounding blanks dropped."""
+    return next((raw[f.colon + 1 : f.end].strip() for f in fields if f.name == name), None)
+
+
+def _subject(raw: bytes, fields: Sequence[HeaderField]) -> str:
+    """The Subject a strict parser reads (the one tagging prefixes); like such a parser, it ends at
+    a bare CR that starts a new line."""
+    value = _first(raw, fields, "subject")
+    if value is None:
+        return ""
+    return _decode_subject(value[: m.start()] if (m := _CR_BREAK.search(value)) else value)
+
+
+def _decode_subject(value: bytes) -> str:
+    """A readable Subject, robust to raw 8-bit bytes and bad encoded-words."""
+    return _collapse(_decode_words(_unfold(_decode_bytes(value, None))))[:MAX_SUBJECT_CHARS]
+
+
+def _from_domain(raw: bytes, fields: Sequence[HeaderField]) -> str | None:
+    value = _first(raw, fields, "from")
+    if value is None:
+        return None
     try:
-        fields = _header_fields(bytes(raw))
-        value = next((v for name, v in fields or [] if name == "from"), None)
-        if value is None:
-            return None
-        text = _decode_words(_unfold(_decode_bytes(value, None)))
+        text = _decode_words(_unfold(_decode_bytes(value[:_ADDRESS_BYTES], None)))
         for _name, addr in email.utils.getaddresses([text]):
             domain = addr.rpartition("@")[2].strip().strip(".").lower()
             if "@" in addr and domain and not re.search(r"[\s<>@,;]", domain):
@@ -125,35 +268,12 @@ def header_from_domain(raw: bytes) -> str | None:
     return None
 
 
-def _header_fields(raw: bytes) -> list[tuple[str, bytes]] | None:
-    """The leading header block as (lowercased name, raw value), or None when it is not an email.
-
-    An email needs a well-known header name and either two fields or a blank line after one, so
-    that a text such as "Date: tomorrow?" or "Hi: how are you" stays a plain message.
-    """
-    lines = raw[:_HEADER_SCAN_BYTES].split(b"\n")[: _HEADER_SCAN_LINES + 1]
-    if lines and is_mbox_from_line(lines[0]):
-        lines = lines[1:]
-    fields: list[tuple[str, bytes]] = []
-    blank_after = False
-    for line in lines:
-        line = line.rstrip(b"\r")
-        if not line:
-            blank_after = True
-            break
-        if line[:1] in (b" ", b"\t") and fields:
-            name, value = fields[-1]
-            fields[-1] = (name, value + b"\n" + line)
-            continue
-        match = _FIELD_LINE.match(line)
-        if match is None:
-            break
-        fields.append((match.group(1).decode("ascii").lower(), line[match.end() :].strip()))
-    if not any(name in _KNOWN_HEADERS for name, _ in fields):
-        return None
-    if len(fields) < 2 and not blank_after:
-        return None
-    return fields
+def _message_id(raw: bytes, fields: Sequence[HeaderField]) -> str:
+    value = _first(raw, fields, "message-id")
+    if value is None:
+        return "-"
+    text = re.sub(rb"\s+", b" ", value).strip().decode("ascii", "replace")
+    return "".join(c if c.isprintable() else "?" for c in text)[:200] or "-"
 
 
 class _Extractor:
@@ -163,15 +283,16 @@ class _Extractor:
         self.notes = notes
         self.parts = 0
 
-    def run(self, raw: bytes) -> tuple[str, str]:
+    def run(self, raw: bytes) -> str:
+        """The readable body text; the subject comes from `read_header`."""
         try:
             msg = BytesParser(policy=compat32).parsebytes(raw)
         except RecursionError:
             # The stdlib parser recurses once per nesting level; past ~1,000 levels read the body raw.
             self.notes.append("MIME structure nested too deeply to parse; body read as raw text")
             msg = BytesHeaderParser(policy=compat32).parsebytes(raw)
-            return _subject(msg), _strip_mime_lines(_payload_text(msg, self.notes))
-        return _subject(msg), "\n\n".join(self.walk(msg, 0))
+            return _strip_mime_lines(_payload_text(msg, self.notes))
+        return "\n\n".join(self.walk(msg, 0))
 
     def walk(self, part: Message, depth: int) -> list[str]:
         """Readable text pieces of `part`; a part that fails is skipped with a note."""
@@ -220,7 +341,7 @@ class _Extractor:
             inner = [BytesParser(policy=compat32).parsebytes(decoded)]
         pieces: list[str] = []
         for msg in inner:
-            pieces += _nonblank([_subject(msg)])
+            pieces += _nonblank([_forwarded_subject(msg)])
             pieces += self.walk(msg, depth + 1)
         return pieces
 
@@ -237,12 +358,11 @@ class _Extractor:
         return [text for child in best for text in self.walk(child, depth + 1)]
 
 
-def _subject(msg: Message) -> str:
-    """The decoded Subject ("" when absent), robust to raw 8-bit bytes and bad encoded-words."""
+def _forwarded_subject(msg: Message) -> str:
+    """The decoded Subject of a forwarded message ("" when absent), as the MIME parser read it."""
     for key, value in msg.raw_items():
         if key.lower() == "subject":
-            raw = str(value).encode("utf-8", "surrogateescape")
-            return _collapse(_decode_words(_unfold(_decode_bytes(raw, None))))[:MAX_SUBJECT_CHARS]
+            return _decode_subject(str(value).encode("utf-8", "surrogateescape"))
     return ""
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from spamfilterd.batcher import ClassifierError
+from spamfilterd.message import Header, read_header
 from spamfilterd.relay import DownstreamError, RelaySession, Reply
 from spamfilterd.rules import Envelope, recipient_policy, refusing
 from spamfilterd.smtp_server import SHUTTING_DOWN
@@ -46,8 +46,6 @@ OTHER_POLICY = "452 4.5.3 Recipient has another filter policy, send it in a sepa
 BAD_SENDER = "553 5.1.7 Sender address is not valid UTF-8"
 BAD_RECIPIENT = "553 5.1.3 Recipient address is not valid UTF-8"
 
-_MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
-
 
 @dataclass
 class Outcome:
@@ -60,16 +58,6 @@ class Outcome:
     action: str  # delivered | redirected | rejected | tempfailed | refused | deferred | partial
     replies: list[str]
     error: str | None = None
-
-
-def message_id(raw: bytes) -> str:
-    """The Message-ID header (first one, unfolded, printable only) or "-" without one."""
-    head_end = raw.find(b"\r\n\r\n")
-    match = _MESSAGE_ID.search(raw if head_end < 0 else raw[: head_end + 2])
-    if not match:
-        return "-"
-    value = re.sub(rb"\s+", b" ", match.group(1)).strip().decode("ascii", "replace")
-    return "".join(c if c.isprintable() else "?" for c in value)[:200] or "-"
 
 
 def _passable(reply: Reply) -> Reply:
@@ -195,13 +183,14 @@ class ProxyHandler:
         started = time.monotonic()
         runtime = server.proxy.runtime
         relay = session.relay
-        raw: bytes = envelope.original_content or b""
+        # The header block is read here, once: for the log line, the rules, the text and tagging.
+        message = read_header(envelope.original_content or b"")
         envelope.content = envelope.original_content = None  # one reference less to a large object
         sender = envelope.mail_from or "<>"  # set: aiosmtpd asks for MAIL before DATA
         recipients = tuple(envelope.rcpt_tos)
-        logged = {"message_id": message_id(raw), "size": len(raw)}
-        work = self._filter_and_relay(runtime, relay, sender, envelope.mail_options, recipients, raw)
-        del raw  # `work` holds the only reference, and drops it once the message is checked
+        logged = {"message_id": message.message_id, "size": len(message.raw)}
+        work = self._filter_and_relay(runtime, relay, sender, envelope.mail_options, recipients, message)
+        del message  # `work` holds the only reference, and drops it once the message is checked
         try:
             async with asyncio.timeout_at(session.data_started + runtime.config.smtp.data_timeout):
                 outcome = await work
@@ -228,22 +217,22 @@ class ProxyHandler:
         sender: str,
         options: list[str],
         recipients: tuple[str, ...],
-        raw: bytes,
+        message: Header,
     ) -> Outcome:
         if not relay.live:
             return Outcome("unknown", None, (), "-", "deferred", [DOWNSTREAM_LOST], "downstream")
         envelope = Envelope(mail_from="" if sender == "<>" else sender, rcpt_tos=recipients)
         try:
-            result = await runtime.batcher.check(raw, envelope)
+            result = await runtime.batcher.check(message, envelope)
         except ClassifierError as exc:
             log.warning("classifier error: %s", exc)
             if runtime.config.smtp.on_classifier_error == "tempfail":
                 await relay.abort()
                 return Outcome("unchecked", None, (), "-", "tempfailed", [CLASSIFIER_DOWN], "classifier")
-            message = await runtime.batcher.unchecked(raw)
+            unchecked = await runtime.batcher.unchecked(message)
             outcome = Outcome("unchecked", None, ("accept",), "-", "delivered", [], "classifier")
-            return await self._deliver(relay, outcome, message, len(recipients))
-        del raw  # the tagged copies below are all that is relayed
+            return await self._deliver(relay, outcome, unchecked, len(recipients))
+        del message  # the tagged copies below are all that is relayed
         first = result.decision
         deliveries = result.deliveries
         outcome = Outcome(

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 from spamfilterd.batcher import ClassifierError
 from spamfilterd.config import SpamdConfig
 from spamfilterd.engine import CheckResult
+from spamfilterd.message import Header, read_header
 from spamfilterd.rules import Decision, Envelope
 from spamfilterd.scores import score_text
-from spamfilterd.smtp import message_id
 from spamfilterd.spamd_protocol import (
     EX_DATAERR,
     EX_OK,
@@ -412,20 +412,21 @@ class SpamdServer:
     ) -> None:
         engine = runtime.engine
         envelope = request.envelope()
+        header = read_header(request.body)  # once: for the log line, the rules, the text and tagging
         try:
-            result = await runtime.batcher.check(request.body, envelope)
+            result = await runtime.batcher.check(header, envelope)
         except ClassifierError as exc:
             log.warning("classifier error: %s", exc)
             self.metrics.errors["classifier"] += 1
             if runtime.config.smtp.on_classifier_error == "tempfail":
-                self._record(runtime, request, envelope, None, "tempfailed", started)
+                self._record(runtime, request, header, envelope, None, "tempfailed", started)
                 await self._send(writer, response(EX_TEMPFAIL, text="EX_TEMPFAIL spam filter unavailable"))
                 return
-            message = await runtime.batcher.unchecked(request.body)
+            message = await runtime.batcher.unchecked(header)
             decision = Decision(verdict="unchecked", score=0.0, actions=("accept",), rule="-")
             result = CheckResult(decision, message, 0, ["classifier failed; message unchecked"])
         payload = answer(request, result, engine.thresholds.spam, engine.model_id)
-        self._record(runtime, request, envelope, result, "answered", started)
+        self._record(runtime, request, header, envelope, result, "answered", started)
         await self._send(writer, payload)
 
     async def _send(
@@ -448,6 +449,7 @@ class SpamdServer:
         self,
         runtime: Runtime,
         request: Request,
+        header: Header,
         envelope: Envelope,
         result: CheckResult | None,
         action: str,
@@ -460,7 +462,7 @@ class SpamdServer:
         fields = {
             "door": "spamd",
             "request": request.verb,
-            "message_id": message_id(request.body),
+            "message_id": header.message_id,
             "user": (request.header("user") or "-")[:100],
             "rcpts": len(envelope.rcpt_tos),
             "size": len(request.body),

@@ -8,11 +8,9 @@ body bytes and the line-ending style (CRLF or LF) stay exactly as they arrived.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from email.errors import HeaderParseError
-from email.header import decode_header, make_header
+from collections.abc import Sequence
 
-from spamfilterd.message import is_mbox_from_line
+from spamfilterd.message import Header, HeaderField, header_of
 from spamfilterd.rules import Decision
 from spamfilterd.scores import score_text
 
@@ -25,96 +23,14 @@ ORIGINAL_RECIPIENTS = "X-Spam-Original-Recipients"
 # Every header we write; copies that arrive with a message are forged or stale and are removed.
 OWN_HEADERS = (FLAG, STATUS, SCORE, LEVEL, MODEL, ORIGINAL_RECIPIENTS)
 
-# A header line as a strict parser (Python's email among them) reads it: name, then the colon.
-_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]*):")
-# RFC 5322's obsolete blank before the colon: accepted only for our own names, to remove them.
-_OBS_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]+:")
-_BARE_CR = re.compile(rb"\r(?!\n)")
-# The continuation lines of a folded field (RFC 5322 2.2.3): each starts with a space or a tab.
-_CONTINUATIONS = re.compile(rb"(?:[ \t][^\n]*+(?:\n|\Z))*+")
-# Header bytes read at most, far above real mail (Postfix keeps 100 KiB of any one header): it
-# bounds the work per message; what follows is left in place, as the start of the body.
-MAX_HEADER_BYTES = 262_144
-# Enough of a Subject to see whether it already starts with the prefix (at most 50 characters).
-_SUBJECT_CHECK_CHARS = 1_000
 _FOLD_WIDTH = 78
 
 
-@dataclass
-class _Split:
-    """A message cut at the header/body boundary; `lead` is an mbox `From ` line if any."""
-
-    lead: bytes
-    fields: list[bytes]  # each a whole field: first line plus continuation lines, with line endings
-    rest: bytes  # the blank separator line and the body, or the body alone if the separator is missing
-    newline: bytes
-
-
-def _names(field: bytes) -> set[str]:
-    """Header names a parser may find in this field: its own, and any smuggled behind a bare CR,
-    which some parsers (Python's email among them) read as a line break."""
-    names = set()
-    for piece in _BARE_CR.split(field):
-        match = _FIELD.match(piece) or _OBS_FIELD.match(piece)
-        if match:
-            names.add(match.group(1).decode("ascii").lower())
-    return names
-
-
-def _split(raw: bytes, bare_text: bool, strip: set[str]) -> _Split:
-    """Linear in the input: each field is one slice, continuation lines are skipped in one regex
-    step, and at most MAX_HEADER_BYTES of header lines are read (the rest counts as body)."""
-    first_end = raw.find(b"\n")
-    newline = b"\r\n" if first_end > 0 and raw[first_end - 1 : first_end] == b"\r" else b"\n"
-    if bare_text:
-        return _Split(b"", [], raw, newline)
-    lead = b""
-    if is_mbox_from_line(raw[: first_end + 1] if first_end >= 0 else raw):
-        lead = raw[: first_end + 1] if first_end >= 0 else raw + newline
-        lead = b"" if _BARE_CR.search(lead) else lead  # else it would hide a header behind the CR
-    pos = len(lead)
-    limit = len(raw)
-    if limit - pos > MAX_HEADER_BYTES:  # stop at the last line end inside the cap
-        limit = raw.rfind(b"\n", pos, pos + MAX_HEADER_BYTES) + 1 or pos
-    fields: list[bytes] = []
-    while pos < limit:
-        line_end = raw.find(b"\n", pos, limit)
-        line_end = limit if line_end < 0 else line_end + 1
-        obsolete = _OBS_FIELD.match(raw, pos, line_end)
-        if not (
-            _FIELD.match(raw, pos, line_end)
-            or (obsolete and obsolete.group(1).decode("ascii").lower() in strip)
-        ):
-            break
-        end = _CONTINUATIONS.match(raw, line_end, limit).end()  # type: ignore[union-attr]
-        fields.append(raw[pos:end])
-        pos = end
-    return _Split(lead, fields, raw[pos:], newline)
-
-
-def _name(field: bytes) -> str:
-    match = _FIELD.match(field)
-    return match.group(1).decode("ascii").lower() if match else ""
-
-
-def _unfold(field: bytes) -> str:
-    value = field.split(b":", 1)[1]
-    return re.sub(rb"\r?\n(?=[ \t])", b"", value).strip().decode("utf-8", "surrogateescape")
-
-
-def decoded_subject(raw_value: str) -> str:
-    """The Subject as a reader sees it (RFC 2047 decoded); the raw text if it cannot be decoded."""
-    try:
-        return str(make_header(decode_header(raw_value)))
-    except (HeaderParseError, ValueError, LookupError, UnicodeError):
-        return raw_value
-
-
-def _prefixed_subject(field: bytes, prefix: str) -> bytes:
-    name, _, rest = field.partition(b":")
-    start = decoded_subject(_unfold(field)[:_SUBJECT_CHECK_CHARS])
-    if start.lower().startswith(prefix.strip().lower()):
+def _prefixed_subject(field: bytes, prefix: str, subject: str) -> bytes:
+    """The Subject field with `prefix` in front, unless its decoded text `subject` starts with it."""
+    if subject.lower().startswith(prefix.strip().lower()):
         return field
+    name, _, rest = field.partition(b":")
     value = rest.lstrip(b" \t")
     if value[:1] in (b"\r", b"\n", b""):  # the text starts on a continuation line
         return name + b": " + prefix.rstrip().encode("ascii") + rest
@@ -146,7 +62,7 @@ def _header_line(name: str, value: str, newline: bytes) -> bytes:
 
 
 def rewrite_headers(
-    raw: bytes,
+    message: bytes | Header,
     add: list[tuple[str, str]],
     subject_prefix: str | None = None,
     strip: tuple[str, ...] = OWN_HEADERS,
@@ -154,27 +70,37 @@ def rewrite_headers(
 ) -> bytes:
     """Remove `strip` headers (with their continuation lines), prefix the Subject, add `add`.
 
-    The new headers go first (after an mbox `From ` line), where every parser finds them however
-    malformed the rest of the header block is. A message without headers gets a header block and
-    a blank line in front of its unchanged text; `bare_text` says the message is known to be
-    headerless (an SMS starting "Urgent: call now" is not a header). A header block that runs
-    into the body without a blank line gets one.
+    `message` is the raw message, or its header block as `read_header` already read it. The new
+    headers go first (after an mbox `From ` line), where every parser finds them however malformed
+    the rest of the header block is. A message without headers gets a header block and a blank
+    line in front of its unchanged text; `bare_text` says the message is known to be headerless (an
+    SMS starting "Urgent: call now" is not a header). The fields end where a strict parser ends
+    them, or at the byte cap (message.MAX_HEADER_BYTES); a header block that runs into the body
+    without a blank line gets one.
     """
+    header = header_of(message)
+    raw, nl = header.raw, header.newline
     strip_names = {name.lower() for name in strip}
-    parts = _split(raw, bare_text, strip_names)
-    nl = parts.newline
-    kept = [field for field in parts.fields if not _names(field) & strip_names]
+    fields: Sequence[HeaderField] = ()
+    if bare_text:
+        lead, rest = b"", raw
+    else:
+        lead = raw[: header.lead]
+        lead = lead if lead.endswith(b"\n") or not lead else lead + nl
+        fields = header.strict_fields(strip_names)
+        rest = raw[fields[-1].end if fields else header.lead :]
+    kept = [f for f in fields if not ({f.name} | f.hidden) & strip_names]
+    pieces = [raw[f.start : f.end] for f in kept]
     if subject_prefix:
-        subjects = [i for i, field in enumerate(kept) if _name(field) == "subject"]
-        if subjects:
-            kept[subjects[0]] = _prefixed_subject(kept[subjects[0]], subject_prefix)
+        subject = next((i for i, f in enumerate(kept) if f.name == "subject"), None)
+        if subject is not None:
+            pieces[subject] = _prefixed_subject(pieces[subject], subject_prefix, header.subject)
         else:
             add = [*add, ("Subject", subject_prefix.rstrip())]
     added = [_header_line(name, _clean(value), nl) for name, value in add]
-    rest = parts.rest
     if rest and not rest.startswith((b"\n", b"\r\n")):
         rest = nl + rest
-    return parts.lead + b"".join(added) + b"".join(kept) + rest
+    return lead + b"".join(added) + b"".join(pieces) + rest
 
 
 def status_headers(decision: Decision, required: float, model_id: str) -> list[tuple[str, str]]:

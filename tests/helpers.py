@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 import mailbox
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 
+import pytest
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP
+
+from spamfilterd.message import Header, read_header
 
 DSN_PARAMS = {"RET", "ENVID", "NOTIFY", "ORCPT"}
 HAM = {"spam": 1.01, "unsure": 1.01}  # every score is below: everything is ham
@@ -48,6 +52,26 @@ def make_message(tag: str, body: bytes = BODY) -> bytes:
 def split(message: bytes) -> tuple[bytes, bytes]:
     head, _, body = message.partition(b"\r\n\r\n")
     return head + b"\r\n", body
+
+
+def count_header_reads(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Wrap `message.read_header` in every spamfilterd module that holds it; the returned list gets
+    the raw bytes of each read, so a test can count the reads of each message (by its Message-ID)."""
+    reads: list[bytes] = []
+
+    def counting(raw: bytes) -> Header:
+        reads.append(bytes(raw))
+        return read_header(raw)
+
+    for name, module in list(sys.modules.items()):
+        if name.partition(".")[0] == "spamfilterd" and getattr(module, "read_header", None) is read_header:
+            monkeypatch.setattr(module, "read_header", counting)
+    return reads
+
+
+def reads_of(reads: list[bytes], tag: str) -> int:
+    """How many of `reads` were of the message `make_message(tag)` (or a copy of it)."""
+    return sum(f"<{tag}@test.example>".encode() in raw for raw in reads)
 
 
 class LoopThread:

@@ -11,6 +11,7 @@ from spamfilterd.message import message_to_text
 from spamfilterd.rules import Envelope, parse_rules
 from spamfilterd.scores import Thresholds, score_on_grid, score_text
 from tests.conftest import make_tiny_checkpoint
+from tests.helpers import count_header_reads
 
 BODY = b"Hi Bob,\r\n\r\nare we still on for lunch?\r\n-- \r\nAlice\r\n"
 MAIL = (
@@ -120,6 +121,23 @@ def test_rules_apply_in_order_with_subject_prefix_and_redirect(classifier, tiny_
     assert quarantined.message.endswith(b"\r\n\r\n" + BODY)
     refused = engine.check(MAIL.replace(b"alice@example.com>", b"x@spammer.example>"))
     assert (refused.decision.actions, refused.decision.reject_text) == (("reject",), "Go away")
+
+
+def test_the_pipe_path_reads_each_header_block_once(classifier, tiny_checkpoint, monkeypatch):
+    """`classify` hands the engine raw bytes: it reads each header block once, for the text, the
+    From-domain rule and the tagging of every recipient group."""
+    rules = [
+        {"match": {"recipient_in": ["postmaster@*"]}, "actions": ["accept"]},
+        {"match": {"from_domain_in": ["example.com"]}, "actions": ["tag", "subject-prefix"]},
+    ]
+    engine = _engine(classifier, tiny_checkpoint, rules, spam=0.0)
+    reads = count_header_reads(monkeypatch)
+    envelope = Envelope("alice@example.com", ("bob@example.org", "postmaster@example.org"))
+    mail, sms = engine.check_many([MAIL, SMS], [envelope, envelope])
+    assert (reads.count(MAIL), reads.count(SMS), len(reads)) == (1, 1, 2)
+    assert [len(mail.deliveries), len(sms.deliveries)] == [2, 2]
+    assert _head(mail.deliveries[0].message)["Subject"] == "[SPAM] Lunch"
+    assert _head(mail.deliveries[1].message)["Subject"] == "Lunch"
 
 
 def test_gtube_is_spam_even_when_thresholds_say_ham(classifier, tiny_checkpoint):

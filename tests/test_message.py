@@ -1,16 +1,17 @@
 """message_to_text on the sample messages and on the MIME shapes real mail arrives in."""
 
 import base64
+import itertools
 from pathlib import Path
 
 import pytest
 
 from spamfilterd.message import (
+    MAX_HEADER_BYTES,
     MessageText,
-    header_from_domain,
     html_to_text,
-    looks_like_email,
     message_to_text,
+    read_header,
 )
 
 DATA = Path(__file__).parent / "data" / "messages"
@@ -92,7 +93,7 @@ def test_forged_spam_headers_are_not_part_of_the_text():
 )
 def test_chat_lines_that_look_a_bit_like_headers_stay_plain_text(raw):
     result = message_to_text(raw)
-    assert not result.is_email and not looks_like_email(raw)
+    assert not result.is_email and not read_header(raw).is_email
     assert result.text == raw.decode()
 
 
@@ -108,7 +109,7 @@ def test_chat_lines_that_look_a_bit_like_headers_stay_plain_text(raw):
 )
 def test_header_blocks_with_a_known_header_are_email(raw):
     result = message_to_text(raw)
-    assert result.is_email and looks_like_email(raw)
+    assert result.is_email and read_header(raw).is_email
     assert result.text.endswith("body")
     assert "From:" not in result.text and "Received" not in result.text
 
@@ -244,9 +245,56 @@ def test_html_to_text_block_structure_and_entities():
     ],
 )
 def test_header_from_domain(raw, domain):
-    assert header_from_domain(raw) == domain
+    assert read_header(raw).from_domain == domain
 
 
 def test_header_from_domain_of_samples():
-    assert header_from_domain((DATA / "plain.eml").read_bytes()) == "example.org"
-    assert header_from_domain((DATA / "sms.txt").read_bytes()) is None
+    assert read_header((DATA / "plain.eml").read_bytes()).from_domain == "example.org"
+    assert read_header((DATA / "sms.txt").read_bytes()).from_domain is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "names", "subject", "domain", "message_id"),
+    [
+        (  # folded fields (CRLF) are one field each; a Message-ID in the body is not read
+            b"Subject: Lunch\r\n\ton Friday\r\nFrom: A <a@Example.ORG>\r\nMessage-Id:\r\n <a@b>\r\n"
+            b"\r\nMessage-ID: <body@x>\r\n",
+            ["subject", "from", "message-id"],
+            "Lunch on Friday",
+            "example.org",
+            "<a@b>",
+        ),
+        (  # bare LF; of two Subjects the first counts, as for a strict parser
+            b"Subject: first\nSubject: second\nFrom: x@y.z\n\nbody\n",
+            ["subject", "subject", "from"],
+            "first",
+            "y.z",
+            "-",
+        ),
+        (  # RFC 2047 encoded words, in two charsets
+            b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= aus =?ISO-8859-1?B?S/Zsbg==?=\nDate: today\n\n",
+            ["subject", "date"],
+            "Grüße aus Köln",
+            None,
+            "-",
+        ),
+        (b"", [], "", None, "-"),  # no header block at all
+        (b"\r\nSubject: in the body\r\n", [], "", None, "-"),  # an empty header block
+    ],
+)
+def test_read_header_reads_each_field_once_with_its_span(raw, names, subject, domain, message_id):
+    header = read_header(raw)
+    assert [field.name for field in header.fields] == names
+    assert (header.subject, header.from_domain, header.message_id) == (subject, domain, message_id)
+    assert header.raw == raw
+    spans = [(field.start, field.end) for field in header.fields]
+    assert all(end == start for (_, end), (start, _) in itertools.pairwise(spans))  # adjacent
+    assert all(raw[f.start : f.colon].lower() == f.name.encode() for f in header.fields)
+
+
+def test_read_header_stops_at_the_byte_cap():
+    """Bounded work: past MAX_HEADER_BYTES no field is read; what lies beyond counts as body."""
+    filler = b"X-Filler: 0123456789\n" * (MAX_HEADER_BYTES // 21 + 1)
+    header = read_header(b"Subject: early\n" + filler + b"Message-ID: <late@x>\n\nbody\n")
+    assert header.fields[-1].end <= MAX_HEADER_BYTES
+    assert header.subject == "early" and header.message_id == "-"

@@ -28,9 +28,19 @@ from spamfilterd.engine import GTUBE, FilterEngine
 from spamfilterd.http import HealthServer, Metrics
 from spamfilterd.logformat import LogfmtFormatter, logfmt
 from spamfilterd.serve import build_runtime, smtp_proxy
-from spamfilterd.smtp import OTHER_POLICY, message_id
+from spamfilterd.smtp import OTHER_POLICY
 from spamfilterd.smtp_server import QuarantineError, SmtpProxy
-from tests.helpers import BODY, HAM, SPAM, LoopThread, Sink, make_message, split
+from tests.helpers import (
+    BODY,
+    HAM,
+    SPAM,
+    LoopThread,
+    Sink,
+    count_header_reads,
+    make_message,
+    reads_of,
+    split,
+)
 
 
 @dataclass
@@ -317,11 +327,11 @@ def test_twenty_concurrent_clients_ten_messages_each_arrive_exactly_once_intact(
 def _break_classifier(harness, delay: float | None = None) -> None:
     engine = harness.proxy.runtime.engine
 
-    def broken(raws, envelopes):
+    def broken(messages, envelopes):
         if delay is None:
             raise RuntimeError("model exploded")
         threading.Event().wait(delay)
-        return FilterEngine.check_many(engine, raws, envelopes)
+        return FilterEngine.check_many(engine, messages, envelopes)
 
     engine.check_many = broken
 
@@ -448,8 +458,29 @@ def test_dot_stuffing_and_reply_rendering():
     assert stuffed(b"a\n.\nb\r.\r\nc\r\n") == b"a\r\n..\r\nb\r\n..\r\nc\r\n.\r\n"
     assert Reply(250, ("first", "second")).render() == "250-first\r\n250 second"
     assert logfmt({"a": "x y", "b": "250-a\r\n250 b", "c": 3}) == 'a="x y" b="250-a 250 b" c=3'
-    assert message_id(b"Subject: x\r\nMessage-Id:\r\n <a@b>\r\n\r\nMessage-ID: <body>\r\n") == "<a@b>"
     assert esmtp_params(["SIZE=10", "BODY=8BITMIME", "SMTPUTF8"], {"SIZE": "100"}) == ["SIZE=10"]
+
+
+def test_the_header_block_is_read_once_per_message(harness, caplog, monkeypatch):
+    """The door reads it (the logged Message-ID) and hands that reading on: text, rules and tagging
+    of every recipient group, and the unchecked copy after a classifier failure, read no more."""
+    caplog.set_level("INFO", logger="spamfilterd.smtp")
+    reads = count_header_reads(monkeypatch)
+    with harness.client() as conn:
+        for tag in ("once-1", "once-2"):
+            assert conn.sendmail("alice@example.org", ["bob@example.net"], make_message(tag)) == {}
+    harness.reconfigure(rules=SHIPPED_RULES)  # GTUBE: users tagged as spam, postmaster as ham
+    rcpts = ["bob@example.net", "postmaster@example.net"]
+    assert harness.send(make_message("once-split", body=GTUBE + b"\r\n"), rcpts=rcpts) == {}
+    _break_classifier(harness)
+    assert harness.send(make_message("once-unchecked")) == {}
+    tags = ["once-1", "once-2", "once-split", "once-unchecked"]
+    assert [reads_of(reads, tag) for tag in tags] == [1, 1, 1, 1]
+    received = [r.content for r in harness.sink.received]
+    assert [reads_of(received, tag) for tag in tags] == [1, 1, 2, 1]  # split: two transactions
+    assert b"X-Spam-Flag: NO\r\n" in received[0] and b"X-Spam-Status: unchecked\r\n" in received[-1]
+    logged = " ".join(LogfmtFormatter().format(r) for r in caplog.records if r.name == "spamfilterd.smtp")
+    assert all(f"message_id=<{tag}@test.example>" in logged for tag in tags)
 
 
 def test_log_line_has_the_fields_and_no_body(harness, caplog):
@@ -798,13 +829,13 @@ def test_one_message_that_breaks_the_engine_does_not_fail_its_batch(harness):
     engine = harness.proxy.runtime.engine
     batch_sizes = []
 
-    def poisoned(raws, envelopes):
-        batch_sizes.append(len(raws))
-        if any(b"blocker" in raw for raw in raws):
+    def poisoned(messages, envelopes):
+        batch_sizes.append(len(messages))
+        if any(b"blocker" in message.raw for message in messages):
             time.sleep(1.0)  # keeps the one worker busy, so the next two messages gather into one batch
-        if any(b"poison" in raw for raw in raws):
+        if any(b"poison" in message.raw for message in messages):
             raise UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogates not allowed")
-        return FilterEngine.check_many(engine, raws, envelopes)
+        return FilterEngine.check_many(engine, messages, envelopes)
 
     engine.check_many = poisoned
     with ThreadPoolExecutor(3) as pool:

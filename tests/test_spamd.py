@@ -28,7 +28,7 @@ from spamfilterd.http import Metrics
 from spamfilterd.serve import build_runtime
 from spamfilterd.spamd import SpamdServer, peer_allowed
 from spamfilterd.spamd_protocol import REQUIRED_SCORE, spamd_score
-from tests.helpers import HAM, SPAM, LoopThread, make_message, split
+from tests.helpers import HAM, SPAM, LoopThread, count_header_reads, make_message, reads_of, split
 
 TIMEOUT = Timeout(total=30)
 
@@ -173,6 +173,31 @@ def test_headers_returns_the_tagged_header_block_only(door):
     head = door.ask(aiospamc.headers, message).body
     assert head == split(door.runtime.engine.check(message).message)[0] + b"\r\n"
     assert b"X-Spam-Flag: NO\r\n" in head
+
+
+PASS_UNCHECKED = {"thresholds": SPAM, "smtp": {"on_classifier_error": "pass"}}
+
+
+@pytest.mark.parametrize("door", [PASS_UNCHECKED], indirect=True)
+def test_the_header_block_is_read_once_per_request(door, caplog, monkeypatch):
+    """The door reads it (the logged Message-ID) and the engine uses that reading: text, rules,
+    tagging, and the unchecked copy after a classifier failure."""
+    caplog.set_level("INFO", logger="spamfilterd.spamd")
+    reads = count_header_reads(monkeypatch)
+    assert door.ask(aiospamc.check, make_message("once-check")).headers.spam.value is True
+    assert door.ask(aiospamc.process, make_message("once-process")).body.startswith(b"X-Spam-Flag: YES")
+    assert b"X-Spam-Flag: YES\r\n" in door.ask(aiospamc.headers, make_message("once-headers")).body
+
+    def broken(texts):
+        raise RuntimeError("out of memory")
+
+    door.runtime.engine.classifier = type("Broken", (), {"score": staticmethod(broken)})()
+    unchecked = door.ask(aiospamc.process, make_message("once-unchecked")).body
+    assert b"X-Spam-Status: unchecked\r\n" in unchecked
+    tags = ["once-check", "once-process", "once-headers", "once-unchecked"]
+    assert [reads_of(reads, tag) for tag in tags] == [1, 1, 1, 1]
+    logged = " ".join(r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
+    assert all(f"<{tag}@test.example>" in logged for tag in tags)
 
 
 def test_ping_skip_and_tell(door):

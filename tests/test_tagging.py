@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spamfilterd import tagging
+from spamfilterd.message import MAX_HEADER_BYTES, read_header
 from spamfilterd.rules import Decision
-from spamfilterd.tagging import decoded_subject, original_recipients_header, rewrite_headers, status_headers
+from spamfilterd.tagging import original_recipients_header, rewrite_headers, status_headers
 
 BODY = b"Hello,\r\n\r\nX-Spam-Flag: YES in the body stays.\r\n=?utf-8?q?not_a_header?=\r\n"
 CRLF_MESSAGE = (
@@ -133,7 +133,7 @@ def test_prefix_without_trailing_space_gets_one():
 def test_encoded_subject_decodes_with_prefix_in_front():
     raw = b"Subject: =?UTF-8?B?R8O8bnN0aWc=?=\n\nbody\n"
     out = rewrite_headers(raw, [], subject_prefix="***SPAM***")
-    assert decoded_subject(_headers(out)["Subject"]) == "***SPAM*** Günstig"
+    assert read_header(out).subject == "***SPAM*** Günstig"
 
 
 def test_only_first_subject_is_rewritten_and_missing_subject_is_added():
@@ -188,9 +188,9 @@ def test_sixty_recipients_are_all_kept_in_the_folded_header():
 
 
 def test_header_scan_stops_at_the_cap_and_leaves_the_rest_in_place_as_body():
-    """Bounded work whatever the header: past tagging.MAX_HEADER_BYTES nothing is parsed, the remaining
+    """Bounded work whatever the header: past MAX_HEADER_BYTES nothing is parsed, the remaining
     lines stay in place behind a blank line, so no parser reads a forged flag there as a header."""
-    cap = tagging.MAX_HEADER_BYTES
+    cap = MAX_HEADER_BYTES
     filler = b"X-Filler: 0123456789\r\n" * (cap // 22 + 1)
     inside, beyond = filler[: filler.rfind(b"\r\n", 0, cap) + 2], filler[len(filler) // 2 :]
     raw = inside + beyond + b"X-Spam-Flag: NO\r\nSubject: late\r\n\r\n" + BODY
