@@ -1,8 +1,10 @@
 """Metrics and threshold choice: the numbers the model card and `evaluate` report."""
 
+import numpy as np
 import pytest
 
 from spamfilterd.scores import Thresholds
+from trainer.crossval import on_scale_of
 from trainer.metrics import (
     can_measure,
     choose_thresholds,
@@ -62,3 +64,24 @@ def test_roc_auc():
     assert roc_curve([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])[2] == pytest.approx(1.0)
     assert roc_curve([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1])[2] == pytest.approx(0.0)
     assert roc_curve([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5])[2] == pytest.approx(0.5)
+
+
+def test_cross_validated_thresholds_are_carried_onto_the_final_models_scale():
+    """Fold models put spam near 0.99; the shipped model, softened by its temperature, near 0.93.
+    A threshold counted on the folds' own scale would flag none of its spam."""
+    rng = np.random.default_rng(7)
+    pool_labels = [0] * 600 + [1] * 600
+    # 1 % of the ham scores high (0.95-0.97): a 0.5 % FPR needs a threshold above most of them.
+    ham = [*rng.uniform(0.0, 0.3, 594), *rng.uniform(0.95, 0.97, 6)]
+    pool_scores = ham + list(rng.uniform(0.98, 1.0, 600))
+    final_scores = [*rng.uniform(0.0, 0.3, 74), 0.85, *rng.uniform(0.9, 0.96, 75)]
+
+    on_fold_scale = choose_thresholds(pool_labels, pool_scores, max_fpr=0.005)
+    assert on_fold_scale.spam > max(final_scores)
+    mapped = on_scale_of(pool_scores, final_scores)
+    assert np.argsort(mapped, kind="stable").tolist() == np.argsort(pool_scores, kind="stable").tolist()
+    thresholds = choose_thresholds(pool_labels, mapped, max_fpr=0.005)
+    final = np.asarray(final_scores)
+    flagged = final >= thresholds.spam
+    assert flagged[75:].mean() >= 0.95  # the final model's spam is caught
+    assert not flagged[:75].any()  # and its ham is not

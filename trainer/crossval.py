@@ -5,6 +5,12 @@ ham is already 1.3 %. The threshold would then sit just above the single highest
 validation ham, wherever that outlier fell. K-fold cross-validation over train + validation
 scores every one of those messages with a model that did not train on it (about 600 ham for the
 reference split), and the threshold is counted on those scores instead.
+
+The fold models are not the model that ships, though: each keeps its own epoch and temperature,
+and the final model's scores can sit on another scale (an over-trained epoch softened by a large
+temperature puts all its spam near 0.95, where the folds put theirs near 0.99). So the pooled
+scores are carried onto the final model's scale by rank before a threshold is counted on them
+(`on_scale_of`): a threshold then flags the share of messages it flagged in cross-validation.
 """
 
 import numpy as np
@@ -57,3 +63,18 @@ def cross_validated_scores(
             result.precision,
         )
     return labels, scores
+
+
+def on_scale_of(scores: list[float], final_scores: list[float]) -> list[float]:
+    """`scores` carried onto the scale of `final_scores` by rank (quantile mapping).
+
+    Each score is replaced by the final model's validation score at the same quantile, so a
+    threshold counted on the result flags the same share of messages on both. Only the scale
+    changes, not the order; it assumes the final model ranks messages as the fold models do and
+    that validation holds ham and spam in the pool's proportion (both come from one shuffle).
+    """
+    pooled_sorted = np.sort(np.asarray(scores, dtype=float))
+    below = np.searchsorted(pooled_sorted, scores, side="left")
+    not_above = np.searchsorted(pooled_sorted, scores, side="right")
+    quantiles = (below + not_above) / (2 * len(pooled_sorted))
+    return [float(value) for value in np.quantile(np.asarray(final_scores, dtype=float), quantiles)]
