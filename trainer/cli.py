@@ -154,12 +154,6 @@ def _paths(values: tuple[str, ...]) -> list[Path]:
 @click.option("--schedule", type=click.Choice(SCHEDULES), help="Learning-rate schedule after warm-up.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True))
 @click.option(
-    "--pretrain-steps",
-    type=click.IntRange(min=0),
-    help="Next-token steps on the training texts before the classifier is trained (0 = none).",
-)
-@click.option("--pretrain-lr", type=click.FloatRange(min=0, min_open=True), help="Peak pretraining lr.")
-@click.option(
     "--max-tokens",
     type=click.IntRange(min=1),
     help="Token budget per message [longest training message, capped at the context length].",

@@ -166,7 +166,6 @@ def build_card(
             "train_accuracy": result.history.train_accuracy,
             "val_accuracy": result.history.val_accuracy,
             "val_calibrated_nll": result.history.val_calibrated_nll,
-            "pretrain_loss": result.history.pretrain_loss,
         },
         "plots": [CURVES_PNG, SCORES_PNG, RELIABILITY_PNG],
     }

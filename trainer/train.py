@@ -2,8 +2,8 @@
 evaluated every `eval_every` steps, accuracy after each epoch.
 
 What a model that starts from random weights needs on top, each measured in
-benchmarks/train_recipes.md: an optional next-token pretraining phase on the training messages'
-own text, warmup + cosine, and keeping the epoch that is best on validation once calibrated. The
+benchmarks/train_recipes.md: warmup + cosine, a token embedding trained only where the training
+texts have tokens, and keeping the epoch that is best on validation once calibrated. The
 reference recipe is `RECIPES["reference"]`; `random` is the measured best for random weights on a CPU.
 """
 
@@ -52,8 +52,6 @@ class TrainConfig:
     warmup: float = 0.0  # fraction of all steps
     schedule: str = "constant"  # one of SCHEDULES
     dropout: float = 0.0
-    pretrain_steps: int = 0  # next-token steps on the training texts before the classifier's
-    pretrain_lr: float = 1e-3
     max_tokens: int | None = None  # None = longest training message
     seed: int = 123
     eval_every: int = 50
@@ -95,7 +93,6 @@ class History:
     train_accuracy: list[float] = field(default_factory=list)
     val_accuracy: list[float] = field(default_factory=list)
     val_calibrated_nll: list[float] = field(default_factory=list)
-    pretrain_loss: list[float] = field(default_factory=list)
     best_epoch: int = 0
 
 
@@ -181,36 +178,6 @@ class TrainingVocabulary(nn.Module):
         return self.full.requires_grad_(True)
 
 
-class NextTokenLoss:
-    """Next-token loss over the training vocabulary only, through the token embedding (GPT-2's tied
-    head), for the pretraining phase.
-
-    Softmax over the few thousand token ids that occur in training, not all 50,257, keeps it cheap
-    on a CPU; every target is in that set, so nothing is lost. At most `positions` predicted tokens
-    a batch are scored, drawn at random: the softmax costs the most, and a sample of a batch's
-    positions teaches nearly as much as all of them.
-    """
-
-    def __init__(self, vocab: torch.Tensor, vocab_size: int, positions: int):
-        self.vocab = vocab
-        self.positions = positions
-        self.remap = torch.full((vocab_size,), -100, dtype=torch.long, device=vocab.device)
-        self.remap[vocab] = torch.arange(len(vocab), device=vocab.device)
-
-    def __call__(self, model: GPTModel, ids: torch.Tensor, last: torch.Tensor, generator: torch.Generator):
-        hidden = model.hidden_states(ids)[:, :-1]
-        positions = torch.arange(ids.shape[1] - 1, device=ids.device)
-        valid = positions[None, :] < last[:, None]
-        targets = self.remap[ids[:, 1:]][valid]
-        hidden = hidden[valid]
-        if len(targets) > self.positions:
-            sample = torch.randperm(len(targets), generator=generator)[: self.positions].to(ids.device)
-            hidden, targets = hidden[sample], targets[sample]
-        embedding = model.tok_emb
-        rows = embedding.rows if isinstance(embedding, TrainingVocabulary) else embedding.weight[self.vocab]
-        return F.cross_entropy((hidden @ rows.T).float(), targets)
-
-
 def _schedule(warmup: float, schedule: str, total_steps: int):
     warmup_steps = max(1, round(warmup * total_steps)) if warmup else 0
 
@@ -286,7 +253,6 @@ class Prepared:
     model: GPTModel
     train_set: EncodedSplit
     val_set: EncodedSplit
-    vocab: torch.Tensor  # the token ids that occur in the training texts
     max_tokens: int
     trainable_parameters: int
     device: torch.device
@@ -323,49 +289,7 @@ def prepare(splits: Splits, config: TrainConfig) -> Prepared:
     vocab = torch.tensor(sorted({token for ids in train_set.encoded for token in ids}), device=device)
     if model.tok_emb.weight.requires_grad:
         model.tok_emb = TrainingVocabulary(model.tok_emb, vocab)  # type: ignore[assignment]
-    return Prepared(model, train_set, val_set, vocab, max_tokens, trainable, device, precision)
-
-
-PRETRAIN_POSITIONS = 512
-
-
-def pretrain(run: Prepared, config: TrainConfig, history: History, progress: bool) -> None:
-    """Next-token prediction on the training messages' own text, labels unused.
-
-    A model from random weights otherwise learns its token features from the labels alone; reading
-    the texts first gives it what pretrained GPT-2 brings to the reference recipe, on a small scale.
-    """
-    model, messages = run.model, run.train_set
-    embedding = model.tok_emb
-    vocab = (
-        embedding.vocab if isinstance(embedding, TrainingVocabulary) else torch.arange(model.cfg.vocab_size)
-    )
-    next_token = NextTokenLoss(vocab, model.cfg.vocab_size, PRETRAIN_POSITIONS)
-    optimizer = _optimizer(model, config.pretrain_lr, config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(config.warmup, "cosine", config.pretrain_steps)
-    )
-    generator = torch.Generator().manual_seed(config.seed)
-    model.train()
-    step = 0
-    bar = tqdm(total=config.pretrain_steps, desc="pretraining", unit="step", disable=not progress)
-    while step < config.pretrain_steps:
-        for rows in messages.shuffled(config.batch_size, generator):
-            ids, last, _ = messages.batch(rows, run.device)
-            with autocast_for(run.device, run.precision):
-                loss = next_token(model, ids, last, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            if step % config.eval_every == 0:
-                history.pretrain_loss.append(loss.item())
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            if step == config.pretrain_steps:
-                break
-    bar.close()
+    return Prepared(model, train_set, val_set, max_tokens, trainable, device, precision)
 
 
 def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainResult:
@@ -386,8 +310,6 @@ def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainRe
     )
     history = History()
     start = time.perf_counter()
-    if config.pretrain_steps:
-        pretrain(run, config, history, progress)
     optimizer = _optimizer(model, config.lr, config.weight_decay)
     steps_per_epoch = len(train_set) // config.batch_size
     epochs = epochs_for(config, steps_per_epoch)
