@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from spamfilterd.scores import Thresholds
-from trainer.crossval import on_scale_of
+from trainer.crossval import on_scale_of, same_scale
 from trainer.metrics import (
     can_measure,
     choose_thresholds,
@@ -76,8 +76,10 @@ def test_cross_validated_thresholds_are_carried_onto_the_final_models_scale():
     pool_scores = ham + list(rng.uniform(0.98, 1.0, 600))
     final_scores = [*rng.uniform(0.0, 0.3, 74), 0.85, *rng.uniform(0.9, 0.96, 75)]
 
+    final_labels = [0] * 75 + [1] * 75
     on_fold_scale = choose_thresholds(pool_labels, pool_scores, max_fpr=0.005)
     assert on_fold_scale.spam > max(final_scores)
+    assert not same_scale((pool_labels, pool_scores), (final_labels, final_scores), 0.005)
     mapped = on_scale_of(pool_scores, final_scores)
     assert np.argsort(mapped, kind="stable").tolist() == np.argsort(pool_scores, kind="stable").tolist()
     thresholds = choose_thresholds(pool_labels, mapped, max_fpr=0.005)
@@ -85,3 +87,13 @@ def test_cross_validated_thresholds_are_carried_onto_the_final_models_scale():
     flagged = final >= thresholds.spam
     assert flagged[75:].mean() >= 0.95  # the final model's spam is caught
     assert not flagged[:75].any()  # and its ham is not
+
+
+def test_a_final_model_on_the_folds_scale_keeps_the_counted_threshold():
+    """Validation drawn like the pool: its spam reach the threshold as often, up to sampling noise."""
+    rng = np.random.default_rng(11)
+    ham = [*rng.uniform(0.0, 0.3, 594), *rng.uniform(0.95, 0.97, 6)]
+    spam = [*rng.uniform(0.9, 0.97, 60), *rng.uniform(0.98, 1.0, 540)]
+    final_scores = [*rng.uniform(0.0, 0.3, 75), *rng.uniform(0.9, 0.97, 9), *rng.uniform(0.98, 1.0, 66)]
+    labels = [0] * 600 + [1] * 600
+    assert same_scale((labels, ham + spam), ([0] * 75 + [1] * 75, final_scores), 0.005)

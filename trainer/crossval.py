@@ -8,16 +8,22 @@ reference split), and the threshold is counted on those scores instead.
 
 The fold models are not the model that ships, though: each keeps its own epoch and temperature,
 and the final model's scores can sit on another scale (an over-trained epoch softened by a large
-temperature puts all its spam near 0.95, where the folds put theirs near 0.99). So the pooled
-scores are carried onto the final model's scale by rank before a threshold is counted on them
-(`on_scale_of`): a threshold then flags the share of messages it flagged in cross-validation.
+temperature puts all its spam near 0.975, just under a threshold the folds put at 0.976).
+`same_scale` checks that on validation: if the final model catches clearly less validation spam
+at the counted threshold than the folds caught in cross-validation, the pooled scores are carried
+onto its scale by rank (`on_scale_of`) before the threshold is counted. Not always: the final
+model's validation scores picked its epoch and temperature, so they are more confident than new
+mail's, and a threshold carried onto them comes out stricter than it should.
 """
+
+import math
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from trainer.data import Splits
+from trainer.metrics import threshold_for_fpr
 from trainer.train import TrainConfig, score_texts, train
 
 FOLDS = 5
@@ -78,3 +84,19 @@ def on_scale_of(scores: list[float], final_scores: list[float]) -> list[float]:
     not_above = np.searchsorted(pooled_sorted, scores, side="right")
     quantiles = (below + not_above) / (2 * len(pooled_sorted))
     return [float(value) for value in np.quantile(np.asarray(final_scores, dtype=float), quantiles)]
+
+
+def same_scale(
+    pooled: tuple[list[int], list[float]], validation: tuple[list[int], list[float]], max_fpr: float
+) -> bool:
+    """Whether the final model's validation spam reach the threshold counted on the pooled scores
+    about as often as the pooled spam do: its recall there may fall short of theirs by sampling
+    noise (three standard errors of a binomial share, plus one message), not more."""
+    threshold = threshold_for_fpr(*pooled, max_fpr)
+    pooled_spam = np.asarray(pooled[1])[np.asarray(pooled[0]) == 1]
+    final_spam = np.asarray(validation[1])[np.asarray(validation[0]) == 1]
+    if not len(pooled_spam) or not len(final_spam):
+        return True
+    expected = float((pooled_spam >= threshold).mean())
+    noise = 3 * math.sqrt(expected * (1 - expected) / len(final_spam)) + 1 / len(final_spam)
+    return float((final_spam >= threshold).mean()) >= expected - noise

@@ -11,7 +11,7 @@ import torch
 from spamfilterd.checkpoint import save_checkpoint
 from spamfilterd.scores import Thresholds
 from trainer.calibration import ECE_BINS, reliability
-from trainer.crossval import FOLDS, cross_validated_scores, on_scale_of
+from trainer.crossval import FOLDS, cross_validated_scores, on_scale_of, same_scale
 from trainer.data import DataOptions, Splits, build_splits, source_kind
 from trainer.metrics import (
     DEFAULT_MAX_FPR,
@@ -87,17 +87,20 @@ def threshold_scores(
     cv_folds: int,
     progress: bool,
 ) -> ThresholdScores:
-    """The validation scores when they can measure `max_fpr`, else cross-validated ones carried
-    onto the final model's scale by rank."""
+    """The validation scores when they can measure `max_fpr`, else cross-validated ones (carried
+    onto the final model's scale by rank when validation shows it is another)."""
     labels, scores = validation
     if can_measure(labels, max_fpr) or cv_folds < 2:
         return ThresholdScores(labels, scores, "validation")
-    pooled_labels, pooled_scores = cross_validated_scores(splits, config, cv_folds, progress)
+    pooled = cross_validated_scores(splits, config, cv_folds, progress)
+    origin = f"{cv_folds}-fold cross-validation over train + validation (validation too small)"
+    if same_scale(pooled, validation, max_fpr):
+        return ThresholdScores(*pooled, origin)
     return ThresholdScores(
-        pooled_labels,
-        on_scale_of(pooled_scores, scores),
-        f"{cv_folds}-fold cross-validation over train + validation (validation too small), "
-        "on the final model's scale by rank",
+        pooled[0],
+        on_scale_of(pooled[1], scores),
+        f"{origin}, carried onto the final model's scale by rank (its validation spam fell short of "
+        "the threshold counted on the fold models' scores)",
     )
 
 
