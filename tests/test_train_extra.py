@@ -5,12 +5,13 @@ import sys
 import tomllib
 from pathlib import Path
 
+from trainer.launch import TRAIN_EXTRA
+
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_ONLY = ("pandas", "matplotlib", "huggingface_hub", "numpy")
 BLOCK = "import sys\nfor name in {names!r}: sys.modules[name] = None\n"
 
 
-def _run(code: str, names=TRAIN_ONLY) -> subprocess.CompletedProcess:
+def _run(code: str, names=TRAIN_EXTRA) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", BLOCK.format(names=names) + code],
         capture_output=True,
@@ -23,8 +24,8 @@ def _run(code: str, names=TRAIN_ONLY) -> subprocess.CompletedProcess:
 def test_base_dependencies_leave_training_libraries_to_the_train_extra():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     base = " ".join(project["dependencies"]).lower()
-    assert not [name for name in ("pandas", "matplotlib", "huggingface_hub") if name in base]
-    assert {"pandas", "matplotlib", "huggingface_hub"} <= {
+    assert not [name for name in TRAIN_EXTRA if name in base]
+    assert set(TRAIN_EXTRA) <= {
         dependency.split(">")[0].split("=")[0] for dependency in project["optional-dependencies"]["train"]
     }
     assert project["scripts"]["spamfilterd-train"] == "trainer.launch:main"
@@ -44,7 +45,7 @@ def test_daemon_commands_import_without_the_training_libraries(tiny_checkpoint):
         "print(classifier.classify('win a free prize now')[0])\n"
         "print(sorted(n for n in sys.modules if n.split('.')[0] in ('trainer',) and sys.modules[n]))"
     )
-    result = _run(code, TRAIN_ONLY[:3])
+    result = _run(code)
     assert result.returncode == 0, result.stderr
     verdict, trainer_modules = result.stdout.splitlines()
     assert verdict in ("ham", "unsure", "spam") and trainer_modules == "[]"

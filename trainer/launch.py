@@ -7,7 +7,7 @@ trainer says what to install instead of failing with a traceback deep inside an 
 import importlib.util
 import sys
 
-TRAIN_EXTRA = ("pandas", "matplotlib", "huggingface_hub", "numpy")
+TRAIN_EXTRA = ("pandas", "matplotlib", "huggingface_hub")
 
 
 def main() -> None:
