@@ -163,9 +163,9 @@ def main() -> None:
             line["ours"] = {
                 "thresholds": card["thresholds"],
                 "temperature": round(card["temperature"], 4),
-                "selected_epoch": card["calibration"]["selected_epoch"],
+                "selected_epochs": card["ensemble"]["selected_epochs"],
                 # what a recipe is chosen on: the validation split, never the test split
-                "val_calibrated_nll": round(min(card["history"]["val_calibrated_nll"]), 4),
+                "val_calibrated_nll": round(card["calibration"]["validation_nll"], 4),
                 "val_argmax_accuracy": round(card["metrics_argmax"]["validation"]["accuracy"], 4),
                 "epochs_run": card["training"]["epochs_run"],
                 "train_s": card["training"]["train_seconds"],

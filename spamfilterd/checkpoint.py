@@ -21,9 +21,9 @@ from spamfilterd.scores import DEFAULT_THRESHOLD, Thresholds, valid_threshold
 if TYPE_CHECKING:
     import torch
 
-    from spamfilterd.model import GPTModel
+    from spamfilterd.model import GPTEnsemble, GPTModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added `members`; a single model is still written as 1, so 0.1 daemons read it
 RETRAIN = "retrain with spamfilterd-train, or fix the value in the card"
 
 
@@ -45,6 +45,7 @@ class ModelCard:
     thresholds: Thresholds = field(default_factory=Thresholds)  # the card's unsure defaults to its spam
     temperature: float = 1.0  # cards from before calibration: logits are not scaled
     n_outputs: int = 2
+    members: int = 1  # models whose logits are averaged (spamfilterd.model.GPTEnsemble)
     weights_sha256: str | None = None  # None: the weights are not verified
 
     @property
@@ -91,6 +92,7 @@ class ModelCard:
             thresholds=_thresholds(data.get("thresholds", {}), path),
             temperature=float(temperature),
             n_outputs=_typed(data, "n_outputs", int, 2, path),
+            members=_typed(data, "members", int, 1, path),
             weights_sha256=_typed(data, "weights_sha256", str, None, path),
         )
 
@@ -125,7 +127,7 @@ def _thresholds(data: Any, path: Path) -> Thresholds:
     return Thresholds(spam, min(values.get("unsure", spam), spam))
 
 
-def save_checkpoint(model: GPTModel, out_dir: Path, card: dict) -> Path:
+def save_checkpoint(model: GPTModel | GPTEnsemble, out_dir: Path, card: dict) -> Path:
     """Write weights and card into `out_dir`; returns the directory.
 
     `card` is the trainer's: the keys ModelCard reads plus its report. The written card is read
@@ -133,16 +135,18 @@ def save_checkpoint(model: GPTModel, out_dir: Path, card: dict) -> Path:
     """
     from safetensors.torch import save_file
 
+    from spamfilterd.model import GPTEnsemble
     from spamfilterd.tokenizer import TOKENIZER_NAME
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_FILE
+    members = len(model.members) if isinstance(model, GPTEnsemble) else 1
     state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(weights), metadata={"format": "pt"})
     weights.chmod(0o644)  # safetensors writes 0600; the daemon often runs as another user than the trainer
     full_card = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if members > 1 else 1,
         "spamfilterd_version": __version__,
         "name": out_dir.name,
         "labels": ["ham", "spam"],
@@ -151,6 +155,7 @@ def save_checkpoint(model: GPTModel, out_dir: Path, card: dict) -> Path:
         **card,
         "architecture": model.cfg.to_dict(),
         "n_outputs": model.n_outputs,
+        "members": members,
         "tokenizer": TOKENIZER_NAME,
         "weights_sha256": file_sha256(weights),
     }
@@ -173,12 +178,14 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     return weights, card
 
 
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[GPTModel, ModelCard]:
+def load_checkpoint(
+    path: Path, device: str | torch.device = "cpu"
+) -> tuple[GPTModel | GPTEnsemble, ModelCard]:
     """The classifier in eval mode and its card."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from spamfilterd.model import GPTConfig, GPTModel
+    from spamfilterd.model import GPTConfig, GPTEnsemble, GPTModel
 
     weights, card_path = resolve_checkpoint(path)
     card = ModelCard.load(card_path)
@@ -195,7 +202,8 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[GPT
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
-    model = GPTModel(cfg, n_outputs=card.n_outputs)
+    members = [GPTModel(cfg, n_outputs=card.n_outputs) for _ in range(card.members)]
+    model = members[0] if card.members == 1 else GPTEnsemble(members)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -139,6 +139,24 @@ class GPTModel(nn.Module):
         return self.out_head(hidden)
 
 
+class GPTEnsemble(nn.Module):
+    """Members of one architecture, trained apart from different seeds, read as one classifier:
+    their logits are averaged. Models trained from random weights on a few thousand messages land
+    on different solutions seed to seed (benchmarks/train_recipes.md, round 7); the average is
+    steadier than any one of them, and better calibrated."""
+
+    def __init__(self, members: list[GPTModel]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.cfg = members[0].cfg
+        self.n_outputs = members[0].n_outputs
+
+    def forward(self, token_ids: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.stack([member(token_ids, last_index) for member in self.members]).mean(dim=0)
+
+
 def last_positions(states: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
     """Each row's vector at its last real token: [batch, tokens, features] -> [batch, features]."""
     return states[torch.arange(states.shape[0], device=states.device), last_index.to(states.device)]

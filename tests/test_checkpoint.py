@@ -3,8 +3,14 @@ import json
 import pytest
 import torch
 
-from spamfilterd.checkpoint import CheckpointError, ModelCard, load_checkpoint, resolve_checkpoint
-from spamfilterd.model import PRESETS
+from spamfilterd.checkpoint import (
+    CheckpointError,
+    ModelCard,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from spamfilterd.model import PRESETS, GPTEnsemble, GPTModel, classifier_from
 from spamfilterd.scores import Thresholds
 
 from .conftest import make_tiny_checkpoint
@@ -60,7 +66,7 @@ def test_a_card_from_before_calibration_loads_with_the_documented_defaults(tmp_p
     """A card written before `temperature` (and the unsure band) existed scores as it always did."""
     out = make_tiny_checkpoint(tmp_path / "old")
     card = json.loads((out / "model.json").read_text())
-    for newer in ("temperature", "format_version", "max_tokens", "n_outputs", "name"):
+    for newer in ("temperature", "format_version", "max_tokens", "n_outputs", "members", "name"):
         card.pop(newer, None)
     card["thresholds"] = {"spam": 0.7}
     (out / "model.json").write_text(json.dumps(card))
@@ -85,6 +91,7 @@ def test_a_card_from_before_calibration_loads_with_the_documented_defaults(tmp_p
         ("thresholds", [0.8], "'thresholds' must be a mapping"),
         ("max_tokens", 0, "'max_tokens' must be at least 1, got 0"),
         ("n_outputs", "2", "'n_outputs' must be a int, got '2'"),
+        ("members", 0, "'members' must be at least 1, got 0"),
         ("name", None, "'name' must be a str, got None"),
         ("format_version", 99, "format_version 99 is newer than this spamfilterd"),
         ("architecture", None, "no 'architecture' in the model card"),
@@ -109,3 +116,40 @@ def test_the_trainer_cannot_write_a_card_the_daemon_refuses(tmp_path):
     with pytest.raises(CheckpointError, match="'temperature' must be a positive number"):
         make_tiny_checkpoint(tmp_path / "never", temperature=0.0)
     assert not (tmp_path / "never" / "model.json").exists()
+
+
+def _tiny_ensemble(members: int) -> GPTEnsemble:
+    models = []
+    for seed in range(members):
+        torch.manual_seed(seed)
+        models.append(classifier_from(GPTModel(PRESETS["gpt-tiny"])))
+    return GPTEnsemble(models).eval()
+
+
+def test_an_ensemble_round_trips_and_scores_the_mean_of_its_members(tmp_path):
+    ensemble = _tiny_ensemble(3)
+    out = save_checkpoint(ensemble, tmp_path / "ens", {"name": "ens", "max_tokens": 64})
+    written = json.loads((out / "model.json").read_text())
+    assert written["members"] == 3 and written["format_version"] == 2
+    model, card = load_checkpoint(out)
+    assert isinstance(model, GPTEnsemble) and card.members == 3
+    ids, last = torch.tensor([[10, 20, 30, 40], [5, 6, 0, 0]]), torch.tensor([3, 1])
+    with torch.no_grad():
+        members = torch.stack([member(ids, last) for member in ensemble.members])
+        assert torch.allclose(model(ids, last), members.mean(dim=0))
+        assert not torch.allclose(members[0], members[1])  # the members differ, so the mean is a test
+
+
+def test_a_single_model_is_still_written_as_format_1(tmp_path):
+    """0.1 daemons refuse format_version 2; a one-member checkpoint stays readable by them."""
+    written = json.loads((make_tiny_checkpoint(tmp_path / "one") / "model.json").read_text())
+    assert written["format_version"] == 1 and written["members"] == 1
+
+
+def test_a_card_whose_members_do_not_match_the_weights_is_refused(tmp_path):
+    out = make_tiny_checkpoint(tmp_path / "liar")
+    card = json.loads((out / "model.json").read_text())
+    card["members"] = 2
+    (out / "model.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="weights do not match the architecture"):
+        load_checkpoint(out)

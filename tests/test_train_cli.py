@@ -14,7 +14,9 @@ from spamfilterd.scores import Thresholds
 from tests.helpers import make_email_corpus, make_mail
 from trainer.cli import main
 
+# One member: the recipe's ensemble would triple every run; test_members_* trains one.
 TINY = ["--arch", "gpt-tiny", "--epochs", "2", "--eval-every", "20", "--threads", "2", "--no-progress"]
+TINY += ["--members", "1"]
 METRIC_KEYS = {"accuracy", "precision", "recall", "f1", "fpr", "n", "messages_per_second"}
 
 
@@ -66,7 +68,7 @@ def test_training_writes_checkpoint_card_and_plots(trained, small_corpus):
     assert card["thresholds"]["spam"] / 2 <= card["thresholds"]["unsure"] <= card["thresholds"]["spam"]
     assert all(round(value, 3) == value for value in card["thresholds"].values())
     # Calibration: the kept epoch, its temperature, and the measures the issue asks for.
-    assert card["calibration"]["selected_epoch"] in (1, 2) and 0.05 <= card["temperature"] <= 100
+    assert card["ensemble"]["selected_epochs"] in ([1], [2]) and 0.05 <= card["temperature"] <= 100
     test = card["metrics"]["test"]
     assert 0.0 <= test["ece"] <= 1.0 and 0.0 <= test["brier"] <= 1.0 and test["unsure"] >= 0
     assert sum(row["n"] for row in card["test_reliability"]) == card["data"]["split_sizes"]["test"]
@@ -98,12 +100,36 @@ def test_same_seed_same_weights_with_a_real_embedding(small_corpus, tmp_path):
     """gpt-micro's 128-wide embedding rows are summed over threads in the backward pass; without
     deterministic kernels two runs of one seed drifted apart (found comparing two default runs)."""
     args = ["--data", small_corpus, "--no-balance", "--arch", "gpt-micro", "--steps", "40", "--cv-folds", "0"]
-    args += ["--eval-every", "1000", "--threads", "2", "--no-progress"]
+    args += ["--eval-every", "1000", "--threads", "2", "--no-progress", "--members", "1"]
     cards = []
     for run in ("a", "b"):
         assert invoke(*args, "--out", tmp_path / run).exit_code == 0
         cards.append(json.loads((tmp_path / run / "model.json").read_text()))
     assert cards[0]["weights_sha256"] == cards[1]["weights_sha256"]
+
+
+def test_members_are_trained_from_their_own_seeds_and_averaged(small_corpus, tmp_path):
+    """`--members 2` ships one checkpoint whose first member is exactly the one-member run of the
+    same seed, and whose scores are the mean of the members' logits under one temperature."""
+    args = ["--data", small_corpus, "--no-balance", "--cv-folds", "0", *TINY[:-2], "--epochs", "1"]
+    assert invoke(*args, "--members", "2", "--out", tmp_path / "pair").exit_code == 0
+    assert invoke(*args, "--members", "1", "--out", tmp_path / "one").exit_code == 0
+    card = json.loads((tmp_path / "pair" / "model.json").read_text())
+    assert card["members"] == 2 and card["ensemble"]["seeds"] == [123, 1123]
+    assert card["ensemble"]["selected_epochs"] == [1, 1] and card["training"]["members"] == 2
+    pair = load_file(str(tmp_path / "pair" / "model.safetensors"))
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert one.keys() == {name.removeprefix("members.0.") for name in pair if name.startswith("members.0.")}
+    assert all(torch.equal(one[name], pair[f"members.0.{name}"]) for name in one)
+    assert not torch.equal(one["out_head.weight"], pair["members.1.out_head.weight"])
+    classifier = SpamClassifier.load(tmp_path / "pair", device="cpu")
+    text = "WINNER!! claim your free prize now, text WIN to 80086"
+    ids = torch.tensor([classifier.tokenizer.encode(text)])
+    last = torch.tensor([ids.shape[1] - 1])
+    with torch.no_grad():
+        mean = torch.stack([member(ids, last) for member in classifier.model.members]).mean(dim=0)
+    expected = torch.softmax(mean / card["temperature"], dim=-1)[0, 1].item()
+    assert classifier.score([text])[0] == pytest.approx(expected, abs=1e-6)
 
 
 def _labelled_csv(path: Path, sms_corpus: Path, lines: slice) -> Path:

@@ -126,9 +126,16 @@ def build_card(
         "thresholds": asdict(thresholds),
         "calibration": {
             "method": "temperature scaling: logits / T, T fitted to the validation NLL",
-            "selected_epoch": result.history.best_epoch,
-            "selection": "the epoch with the lowest validation NLL after temperature scaling",
+            "selection": "each member keeps the epoch with the lowest validation NLL after temperature "
+            "scaling (ensemble.selected_epochs)",
+            "validation_nll": round(result.validation_nll, 5),
             "ece_bins": ECE_BINS,
+        },
+        "ensemble": {
+            "members": len(result.member_seeds),
+            "seeds": result.member_seeds,
+            "selected_epochs": result.member_epochs,
+            "combination": "the mean of the members' logits, then the temperature",
         },
         "threshold_choice": {
             "chosen_on": counted.origin,

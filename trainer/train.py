@@ -9,7 +9,7 @@ reference recipe is `RECIPES["reference"]`; `random` is the measured best for ra
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from spamfilterd.classifier import (
     resolve_device,
     resolve_precision,
 )
-from spamfilterd.model import GPTModel
+from spamfilterd.model import GPTEnsemble, GPTModel
 from spamfilterd.tokenizer import get_tokenizer
 from trainer.calibration import calibrated_nll, logit_margins
 from trainer.data import Splits
@@ -58,6 +58,7 @@ class TrainConfig:
     eval_batches: int = 5
     device: str = "auto"
     precision: str = "auto"
+    members: int = 1  # models trained from seeds seed, seed + 1000, ... whose logits are averaged
 
 
 RECIPES: dict[str, dict] = {
@@ -77,6 +78,9 @@ RECIPES: dict[str, dict] = {
         "dropout": 0.1,
         # Measured on email: 256 tokens keep the subject, the opening and the end of 90 % of it.
         "max_tokens": 256,
+        # Three averaged models: steadier from seed to seed and better calibrated than one, for 3x
+        # the training time (benchmarks/train_recipes.md, round 7).
+        "members": 3,
     },
 }
 
@@ -96,17 +100,23 @@ class History:
     best_epoch: int = 0
 
 
+MEMBER_SEED_STRIDE = 1000
+
+
 @dataclass
 class TrainResult:
-    model: GPTModel
+    model: GPTModel | GPTEnsemble
     max_tokens: int
-    history: History
+    history: History  # the first member's; the curves draw it
     train_seconds: float
-    trainable_parameters: int
+    trainable_parameters: int  # of one member
     device: str
     precision: str
-    temperature: float
+    temperature: float  # fitted to the (averaged) validation logits of `model`
+    validation_nll: float  # calibrated, of `model`
     epochs: int
+    member_seeds: list[int]
+    member_epochs: list[int]  # the epoch each member kept
 
 
 class EncodedSplit:
@@ -247,20 +257,30 @@ def epochs_for(config: TrainConfig, steps_per_epoch: int) -> int:
 
 
 @dataclass
-class Prepared:
-    """A run's model and encoded splits, ready for the loops."""
+class Encoded:
+    """The splits as token ids, shared by every member of a run."""
 
-    model: GPTModel
     train_set: EncodedSplit
     val_set: EncodedSplit
     max_tokens: int
+
+
+@dataclass
+class Member:
+    """One freshly initialised model of a run, before it is fitted."""
+
+    model: GPTModel
     trainable_parameters: int
     device: torch.device
     precision: str
 
 
-def prepare(splits: Splits, config: TrainConfig) -> Prepared:
-    """Seed, model, tokenised splits; the token embedding trains only the rows that training uses."""
+def member_seeds(config: TrainConfig) -> list[int]:
+    return [config.seed + MEMBER_SEED_STRIDE * member for member in range(config.members)]
+
+
+def new_member(config: TrainConfig) -> Member:
+    """A model built from `config.seed`, so two runs of one seed start from the same weights."""
     torch.manual_seed(config.seed)
     # CPU kernels that sum over threads (the embedding rows' backward) otherwise let two runs of one
     # seed drift apart; the deterministic ones cost no measurable time here. warn_only: CUDA ops
@@ -271,11 +291,13 @@ def prepare(splits: Splits, config: TrainConfig) -> Prepared:
     precision = resolve_precision(config.precision, device)
     model = build_model(config.weights, config.arch, config.dropout).to(device)
     trainable = set_trainable(model, config.trainable)
+    return Member(model, trainable, device, precision)
+
+
+def encode_splits(splits: Splits, config: TrainConfig, context_length: int) -> Encoded:
     tokenizer = get_tokenizer()
     raw_train = [tokenizer.encode(text, disallowed_special=()) for text in splits.train["Text"]]
-    max_tokens = choose_max_tokens(
-        [len(ids) for ids in raw_train], config.max_tokens, model.cfg.context_length
-    )
+    max_tokens = choose_max_tokens([len(ids) for ids in raw_train], config.max_tokens, context_length)
 
     def encode(frame) -> EncodedSplit:
         texts, labels = list(frame["Text"]), [int(label) for label in frame["Label"]]
@@ -286,30 +308,63 @@ def prepare(splits: Splits, config: TrainConfig) -> Prepared:
         raise ValueError(
             f"{len(train_set)} training messages are fewer than one batch of {config.batch_size}"
         )
-    vocab = torch.tensor(sorted({token for ids in train_set.encoded for token in ids}), device=device)
-    if model.tok_emb.weight.requires_grad:
-        model.tok_emb = TrainingVocabulary(model.tok_emb, vocab)  # type: ignore[assignment]
-    return Prepared(model, train_set, val_set, max_tokens, trainable, device, precision)
+    return Encoded(train_set, val_set, max_tokens)
 
 
 def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainResult:
-    """Fine-tune on `splits.train`; keep the epoch that is best on validation once calibrated.
+    """Fine-tune `config.members` models on `splits.train`, each from its own seed, and average them.
+
+    Each member keeps the epoch that is best on validation once calibrated (`fit_member`); one
+    temperature is then fitted to the members' averaged validation logits, so P(spam) is a
+    probability of what ships. With one member this is the member itself. Same seed, same model
+    on a CPU.
+    """
+    start = time.perf_counter()
+    seeds = member_seeds(config)
+    first = new_member(replace(config, seed=seeds[0]))
+    encoded = encode_splits(splits, config, first.model.cfg.context_length)
+    fitted = []
+    for number, seed in enumerate(seeds):
+        if len(seeds) > 1:
+            tqdm.write(f"ensemble member {number + 1} of {len(seeds)} (seed {seed})")
+        member = first if number == 0 else new_member(replace(config, seed=seed))
+        fitted.append(fit_member(member, encoded, replace(config, seed=seed), progress))
+    models = [model for model, _ in fitted]
+    model: GPTModel | GPTEnsemble = models[0] if len(models) == 1 else GPTEnsemble(models).eval()
+    margins = validation_margins(model, encoded.val_set, first.device, first.precision)
+    nll, temperature = calibrated_nll(margins, np.asarray(encoded.val_set.labels))
+    return TrainResult(
+        model=model,
+        max_tokens=encoded.max_tokens,
+        history=fitted[0][1],
+        train_seconds=time.perf_counter() - start,
+        trainable_parameters=first.trainable_parameters,
+        device=str(first.device),
+        precision=first.precision,
+        temperature=temperature,
+        validation_nll=nll,
+        epochs=epochs_for(config, len(encoded.train_set) // config.batch_size),
+        member_seeds=seeds,
+        member_epochs=[history.best_epoch for _, history in fitted],
+    )
+
+
+def fit_member(
+    member: Member, encoded: Encoded, config: TrainConfig, progress: bool
+) -> tuple[GPTModel, History]:
+    """Train one model; keep the epoch that is best on validation once calibrated.
 
     After every epoch the whole validation split is scored and a temperature fitted to it; the
     weights of the epoch with the lowest calibrated validation NLL are kept (early stopping without
-    stopping), so a run that later memorises its training set still returns its best model, and the
-    temperature that comes with it makes P(spam) a probability. Same seed, same model on a CPU.
+    stopping), so a run that later memorises its training set still returns its best model.
+    The token embedding trains only the rows that training uses.
     """
-    run = prepare(splits, config)
-    model, train_set, val_set, device, precision = (
-        run.model,
-        run.train_set,
-        run.val_set,
-        run.device,
-        run.precision,
-    )
+    model, device, precision = member.model, member.device, member.precision
+    train_set, val_set = encoded.train_set, encoded.val_set
+    vocab = torch.tensor(sorted({token for ids in train_set.encoded for token in ids}), device=device)
+    if model.tok_emb.weight.requires_grad:
+        model.tok_emb = TrainingVocabulary(model.tok_emb, vocab)  # type: ignore[assignment]
     history = History()
-    start = time.perf_counter()
     optimizer = _optimizer(model, config.lr, config.weight_decay)
     steps_per_epoch = len(train_set) // config.batch_size
     epochs = epochs_for(config, steps_per_epoch)
@@ -318,7 +373,7 @@ def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainRe
     )
     shuffler = torch.Generator().manual_seed(config.seed)
     val_labels = np.asarray(val_set.labels)
-    best_nll, best_state, temperature = math.inf, model.state_dict(), 1.0
+    best_nll, best_state = math.inf, model.state_dict()
     bar = tqdm(total=steps_per_epoch * epochs, desc="training", unit="step", disable=not progress)
     model.train()
     step = 0
@@ -352,7 +407,7 @@ def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainRe
         margins = validation_margins(model, val_set, device, precision)
         nll, epoch_temperature = calibrated_nll(margins, val_labels)
         if nll < best_nll:
-            best_nll, temperature, history.best_epoch = nll, epoch_temperature, epoch
+            best_nll, history.best_epoch = nll, epoch
             best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
         history.epoch_examples.append(step * config.batch_size)
         history.train_accuracy.append(train_accuracy)
@@ -369,21 +424,11 @@ def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainRe
     if isinstance(model.tok_emb, TrainingVocabulary):
         model.tok_emb = model.tok_emb.merged()
     model.eval()
-    return TrainResult(
-        model=model,
-        max_tokens=run.max_tokens,
-        history=history,
-        train_seconds=time.perf_counter() - start,
-        trainable_parameters=run.trainable_parameters,
-        device=str(device),
-        precision=precision,
-        temperature=temperature,
-        epochs=epochs,
-    )
+    return model, history
 
 
 def score_texts(
-    model: GPTModel,
+    model: GPTModel | GPTEnsemble,
     texts: list[str],
     max_tokens: int,
     temperature: float,
