@@ -13,6 +13,7 @@ import email.utils
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from email import errors
 from email.message import Message
 from email.parser import BytesHeaderParser, BytesParser
 from email.policy import compat32
@@ -380,13 +381,47 @@ def _payload_bytes(part: Message) -> bytes:
         data = part.get_payload(decode=True)
     except Exception:
         data = None
-    if isinstance(data, bytes):
-        return data
+    if isinstance(data, bytes) and any(isinstance(defect, _BASE64_DEFECTS) for defect in part.defects):
+        return _base64_then_text(_raw_payload(part))
+    return data if isinstance(data, bytes) else _raw_payload(part)
+
+
+def _raw_payload(part: Message) -> bytes:
     try:
         payload = part.get_payload()
     except Exception:
         return b""
     return payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else b""
+
+
+_BASE64_DEFECTS = (
+    errors.InvalidBase64LengthDefect,
+    errors.InvalidBase64CharactersDefect,
+    errors.InvalidBase64PaddingDefect,
+)
+_BASE64_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2}")
+
+
+def _base64_then_text(payload: bytes) -> bytes:
+    """A base64 body followed by plain text, read as mail clients show it: the base64 lines up to
+    the first line that is not base64, decoded, then the rest as it is.
+
+    A mailing list appends its footer to a single-part base64 body; the stdlib decoder then returns
+    the base64 itself, or the message followed by the footer decoded as base64 garbage. A spammer
+    can add such a line on purpose, so this matters beyond lists."""
+    lines = payload.splitlines()
+    start = 0
+    while start < len(lines) and not lines[start].strip():
+        start += 1
+    end = start
+    while end < len(lines) and _BASE64_LINE.fullmatch(lines[end].strip()):
+        end += 1
+    encoded = b"".join(line.strip() for line in lines[start:end])
+    try:
+        decoded = binascii.a2b_base64(encoded[: len(encoded) - len(encoded) % 4])
+    except binascii.Error:
+        decoded = b""
+    return b"\n".join([decoded, *lines[end:]])
 
 
 def _payload_text(part: Message, notes: list[str]) -> str:

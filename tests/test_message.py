@@ -126,6 +126,29 @@ def test_base64_body_with_declared_charset():
     assert message_to_text(raw).text == "b64\n\nПривет, мир"
 
 
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        ("<p>Cheap meds, click now</p>", "Cheap meds, click now"),  # 30 bytes: no base64 padding
+        ("<p>Cheap meds, click now!</p>\r\n", "Cheap meds, click now!"),  # padded
+    ],
+)
+@pytest.mark.parametrize(
+    "footer",
+    [
+        "_______________________________________________\nilug mailing list\nilug@linux.ie",
+        "--\nsent via list xy",
+        "unsubscribe",
+    ],
+)
+def test_base64_body_followed_by_plain_text_reads_both(body, text, footer):
+    """A list footer after a base64 body (SpamAssassin 2002 spam 00313): the stdlib decoder returns
+    the base64 itself when the body has no padding, else the footer decoded as base64 garbage."""
+    raw = b"Subject: offer\nContent-Type: text/html\nContent-Transfer-Encoding: base64\n\n"
+    raw += base64.encodebytes(body.encode()) + b"\n" + footer.encode() + b"\n"
+    assert message_to_text(raw).text == f"offer\n\n{text}\n\n{footer}"
+
+
 def test_unknown_charset_gives_replacement_characters_and_a_note():
     raw = b"Subject: x\nContent-Type: text/plain; charset=x-no-such-charset\n\ncaf\xe9 ok"
     result = message_to_text(raw)
