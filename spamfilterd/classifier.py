@@ -68,7 +68,7 @@ class SpamClassifier:
     """A loaded checkpoint that scores texts; thread-compatible but not re-entrant (one caller at a time)."""
 
     def __init__(self, model, card: ModelCard, device: torch.device, precision: str, batch_size: int = 16):
-        self.model = model
+        self.model = model.eval()  # scores are read without dropout, whoever built the model
         self.card = card
         self.device = device
         self.precision = precision

@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 from spamfilterd import SpamClassifier
 from spamfilterd.checkpoint import CheckpointError
 from spamfilterd.classifier import encode_text, pad_batch
+from spamfilterd.model import GPTModel
 from spamfilterd.tokenizer import PAD_TOKEN_ID, get_tokenizer
 from tests.conftest import make_tiny_checkpoint
 
@@ -99,3 +101,13 @@ def test_cuda_scores_like_the_cpu(tiny_checkpoint):
     assert next(cuda.model.parameters()).device.type == "cuda"
     cpu = SpamClassifier.load(tiny_checkpoint, device="cpu", precision="fp32")
     assert cuda.score(TEXTS) == pytest.approx(cpu.score(TEXTS), abs=1e-4)
+
+
+def test_a_model_handed_over_in_training_mode_is_scored_without_dropout(tiny_checkpoint):
+    """Dropout at scoring time would make one message score differently on every call."""
+    loaded = SpamClassifier.load(tiny_checkpoint, device="cpu")
+    dropping = GPTModel(replace(loaded.model.cfg, drop_rate=0.5), n_outputs=2)
+    dropping.load_state_dict(loaded.model.state_dict())
+    classifier = SpamClassifier(dropping.train(), loaded.card, torch.device("cpu"), "fp32")
+    texts = ["WINNER!! claim your prize now", "see you at six"] * 4
+    assert classifier.score(texts) == classifier.score(texts) == loaded.score(texts)

@@ -13,6 +13,8 @@ from spamfilterd.classifier import SpamClassifier
 from spamfilterd.scores import Thresholds
 from tests.helpers import make_email_corpus, make_mail
 from trainer.cli import main
+from trainer.data import DataOptions, build_splits
+from trainer.train import RECIPES, TrainConfig, score_texts, train
 
 # One member: the recipe's ensemble would triple every run; test_members_* trains one.
 TINY = ["--arch", "gpt-tiny", "--epochs", "2", "--eval-every", "20", "--threads", "2", "--no-progress"]
@@ -130,6 +132,22 @@ def test_members_are_trained_from_their_own_seeds_and_averaged(small_corpus, tmp
         mean = torch.stack([member(ids, last) for member in classifier.model.members]).mean(dim=0)
     expected = torch.softmax(mean / card["temperature"], dim=-1)[0, 1].item()
     assert classifier.score([text])[0] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_the_trained_model_is_returned_in_eval_mode(small_corpus, members):
+    """The card's metrics and thresholds are read from the returned model: with dropout still on
+    (a validation pass used to leave it in training mode) every score was blurred."""
+    splits, _ = build_splits(DataOptions(data=small_corpus, balance=False))
+    config = TrainConfig(**{**RECIPES["random"], "arch": "gpt-tiny", "steps": 20, "members": members})
+    result = train(splits, config, progress=False)
+    assert config.dropout > 0 and not any(module.training for module in result.model.modules())
+    texts = list(splits.test["Text"])
+    first, again = (
+        score_texts(result.model, texts, result.max_tokens, result.temperature, "cpu", "fp32")
+        for _ in range(2)
+    )
+    assert first == again
 
 
 def _labelled_csv(path: Path, sms_corpus: Path, lines: slice) -> Path:

@@ -216,14 +216,16 @@ def calc_loss_batch(model: GPTModel, ids: torch.Tensor, last: torch.Tensor, labe
 
 @torch.no_grad()
 def _logits(model, split: EncodedSplit, device, precision, batch_size, limit=None):
-    """(logits, labels) of a split's batches in order, in eval mode; training mode is restored after."""
+    """(logits, labels) of a split's batches in order, in eval mode; the model's mode is restored after
+    (a model fitted and scored for the card stays in eval mode: dropout would blur its scores)."""
+    was_training = model.training
     model.eval()
     for rows in split.ordered(batch_size, limit):
         ids, last, labels = split.batch(rows, device)
         with autocast_for(device, precision):
             logits = model(ids, last).float()
         yield logits, labels
-    model.train()
+    model.train(was_training)
 
 
 def calc_loss_and_accuracy(model, split: EncodedSplit, device, precision, batch_size, limit=None):
