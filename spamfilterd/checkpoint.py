@@ -202,6 +202,12 @@ def load_checkpoint(
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    stored = len({name.split(".", 2)[1] for name in state if name.startswith("members.")}) or 1
+    if stored != card.members:  # checked before building: a damaged card must not allocate 10^6 models
+        raise CheckpointError(
+            f"{weights}: holds {stored} member model(s), but {card_path} says 'members': "
+            f"{card.members}; copy the checkpoint directory again"
+        )
     members = [GPTModel(cfg, n_outputs=card.n_outputs) for _ in range(card.members)]
     model = members[0] if card.members == 1 else GPTEnsemble(members)
     try:

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -146,10 +147,16 @@ def test_a_single_model_is_still_written_as_format_1(tmp_path):
     assert written["format_version"] == 1 and written["members"] == 1
 
 
-def test_a_card_whose_members_do_not_match_the_weights_is_refused(tmp_path):
-    out = make_tiny_checkpoint(tmp_path / "liar")
+@pytest.mark.parametrize(("weights_members", "card_members"), [(1, 2), (1, 10**9), (3, 1), (3, 2)])
+def test_a_card_whose_members_do_not_match_the_weights_is_refused(tmp_path, weights_members, card_members):
+    """Refused before any model is built: a card saying 10**9 must not try to allocate them."""
+    model = _tiny_ensemble(weights_members) if weights_members > 1 else _tiny_ensemble(1).members[0]
+    out = save_checkpoint(model, tmp_path / "liar", {"name": "liar"})
     card = json.loads((out / "model.json").read_text())
-    card["members"] = 2
+    card["members"] = card_members
     (out / "model.json").write_text(json.dumps(card))
-    with pytest.raises(CheckpointError, match="weights do not match the architecture"):
+    said = (
+        f"holds {weights_members} member model(s), but {out / 'model.json'} says 'members': {card_members};"
+    )
+    with pytest.raises(CheckpointError, match=re.escape(said)):
         load_checkpoint(out)
