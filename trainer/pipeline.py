@@ -23,7 +23,7 @@ from trainer.metrics import (
     split_metrics,
 )
 from trainer.plots import plot_curves, plot_reliability, plot_test_scores
-from trainer.train import TrainConfig, TrainResult, config_dict, score_texts, train
+from trainer.train import TrainConfig, TrainResult, config_dict, member_seeds, score_texts, train
 
 CURVES_PNG = "training_curves.png"
 SCORES_PNG = "test_scores.png"
@@ -132,8 +132,7 @@ def build_card(
             "ece_bins": ECE_BINS,
         },
         "ensemble": {
-            "members": len(result.member_seeds),
-            "seeds": result.member_seeds,
+            "seeds": member_seeds(config),
             "selected_epochs": result.member_epochs,
             "combination": "the mean of the members' logits, then the temperature",
         },

@@ -115,7 +115,6 @@ class TrainResult:
     temperature: float  # fitted to the (averaged) validation logits of `model`
     validation_nll: float  # calibrated, of `model`
     epochs: int
-    member_seeds: list[int]
     member_epochs: list[int]  # the epoch each member kept
 
 
@@ -346,7 +345,6 @@ def train(splits: Splits, config: TrainConfig, progress: bool = True) -> TrainRe
         temperature=temperature,
         validation_nll=nll,
         epochs=epochs_for(config, len(encoded.train_set) // config.batch_size),
-        member_seeds=seeds,
         member_epochs=[history.best_epoch for _, history in fitted],
     )
 
