@@ -334,17 +334,17 @@ class _Extractor:
         """A forwarded message is read like the outer one: its subject, then its body."""
         if str(part.get("content-transfer-encoding", "")).strip().lower() == "base64":
             # The parser read the base64 text itself as a message without headers: decode, reparse.
-            encoded = b"".join(_payload_bytes(p) for p in inner)
-            try:
-                decoded = binascii.a2b_base64(encoded)
-            except binascii.Error:
-                decoded = b""
+            # Text after the base64 lines is read as text, as for a single part (`_base64_then_text`):
+            # an unpadded message plus one odd line otherwise decoded to nothing at all.
+            decoded, after = _split_base64(b"".join(_raw_payload(p) for p in inner))
             inner = [BytesParser(policy=compat32).parsebytes(decoded)]
+        else:
+            after = []
         pieces: list[str] = []
         for msg in inner:
             pieces += _nonblank([_forwarded_subject(msg)])
             pieces += self.walk(msg, depth + 1)
-        return pieces
+        return pieces + _nonblank([_decode_bytes(b"\n".join(after), None, self.notes)])
 
     def _alternative(self, children: list[Message], depth: int) -> list[str]:
         """text/plain if it says anything (spam often ships an empty one), else the richest other."""
@@ -409,6 +409,12 @@ def _base64_then_text(payload: bytes) -> bytes:
     A mailing list appends its footer to a single-part base64 body; the stdlib decoder then returns
     the base64 itself, or the message followed by the footer decoded as base64 garbage. A spammer
     can add such a line on purpose, so this matters beyond lists."""
+    decoded, after = _split_base64(payload)
+    return b"\n".join([decoded, *after])
+
+
+def _split_base64(payload: bytes) -> tuple[bytes, list[bytes]]:
+    """The leading base64 lines decoded (a partial last quantum dropped), and the lines after them."""
     lines = payload.splitlines()
     start = 0
     while start < len(lines) and not lines[start].strip():
@@ -421,7 +427,7 @@ def _base64_then_text(payload: bytes) -> bytes:
         decoded = binascii.a2b_base64(encoded[: len(encoded) - len(encoded) % 4])
     except binascii.Error:
         decoded = b""
-    return b"\n".join([decoded, *lines[end:]])
+    return decoded, lines[end:]
 
 
 def _payload_text(part: Message, notes: list[str]) -> str:

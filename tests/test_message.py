@@ -235,6 +235,22 @@ def test_base64_encoded_forwarded_message_is_parsed():
     assert message_to_text(raw).text == "outer\n\ninner subject\n\ninner body"
 
 
+@pytest.mark.parametrize("trailer", ["unsubscribe", "ab", "_____\nlist footer"])
+def test_base64_forwarded_message_followed_by_plain_text_reads_both(trailer):
+    """An unpadded base64 message plus one line that is not a multiple of 4 letters decoded to
+    nothing: the forwarded spam vanished from what the classifier reads."""
+    inner = b"Subject: inner subject\nContent-Type: text/plain\n\ncheap meds, now!\n"
+    assert len(inner) % 3 == 0  # no padding: the stdlib decoder reads on into the trailer
+    raw = (
+        b'Subject: outer\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="M"\n\n'
+        b"--M\nContent-Type: message/rfc822\nContent-Transfer-Encoding: base64\n\n"
+        + base64.encodebytes(inner)
+        + f"\n{trailer}\n".encode()
+        + b"--M--\n"
+    )
+    assert message_to_text(raw).text == f"outer\n\ninner subject\n\ncheap meds, now!\n\n{trailer}"
+
+
 def test_max_bytes_truncates_and_notes_it():
     raw = b"Subject: big\n\n" + b"word " * 1000
     result = message_to_text(raw, max_bytes=100)
