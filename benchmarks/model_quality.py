@@ -158,7 +158,15 @@ def main() -> None:
             config = TrainConfig(**{**RECIPES[args.recipe], "seed": seed, "precision": "fp32", **overrides})
             started = time.perf_counter()
             with tempfile.TemporaryDirectory() as out:
-                card = run_training(options, config, Path(out), progress=False, cv_folds=args.cv_folds)
+                card = run_training(
+                    options,
+                    config,
+                    Path(out),
+                    max_fpr=args.max_fpr,
+                    unsure_fpr=args.unsure_fpr,
+                    progress=False,
+                    cv_folds=args.cv_folds,
+                )
             test = card["metrics"]["test"]
             line["ours"] = {
                 "thresholds": card["thresholds"],
