@@ -3,6 +3,7 @@
     python benchmarks/model_quality.py sms-reference --seeds 123,7,42 --log benchmarks/results_quality.jsonl
     python benchmarks/model_quality.py default --seeds 123        # SMS (all, stratified) + 2002 email
     python benchmarks/model_quality.py sms-reference --mix-email steps=8000 ...
+    python benchmarks/model_quality.py default --peers --seeds 123   # + SpamAssassin, bogofilter
 
 Setups (every one split by trainer.data.build_splits with the run's seed, exactly as
 `spamfilterd-train` splits):
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peer_filters import peer_metrics, raw_by_text
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from train_recipes import parse_overrides
@@ -140,9 +142,15 @@ def main() -> None:
         "--cv-folds", type=int, default=FOLDS, help="as spamfilterd-train's; 0 = thresholds on validation"
     )
     parser.add_argument("--baseline-only", action="store_true", help="only TF-IDF + LR (seconds)")
+    parser.add_argument(
+        "--peers", action="store_true", help="also SpamAssassin and bogofilter on the email (peer_filters.py)"
+    )
     args = parser.parse_intermixed_args()
     torch.set_num_threads(args.threads)
     overrides = parse_overrides(args.overrides)
+    if args.peers and args.setup not in ("email", "default") and not args.mix_email:
+        parser.error(f"--peers compares email filters; setup {args.setup} has no email")
+    raws = raw_by_text(args.email) if args.peers else {}
     for seed in [int(value) for value in args.seeds.split(",")]:
         options = data_options(args.setup, seed, args.mix_email, args.sms, args.email)
         splits, _ = build_splits(options)
@@ -154,6 +162,8 @@ def main() -> None:
             "split_sizes": splits.sizes(),
             "tfidf_lr": baseline_metrics(splits, seed, args.max_fpr, args.unsure_fpr),
         }
+        if args.peers:
+            line["peers"] = peer_metrics(splits, raws)
         if not args.baseline_only:
             config = TrainConfig(**{**RECIPES[args.recipe], "seed": seed, "precision": "fp32", **overrides})
             started = time.perf_counter()
