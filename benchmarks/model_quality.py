@@ -51,14 +51,17 @@ SETUPS = ("sms-reference", "sms-full", "email", "default")
 KEYS = ("accuracy", "fpr", "recall", "f1", "unsure_share", "ece", "brier")
 
 
+def uses_email(setup: str, mix_email: bool) -> bool:
+    return setup in ("email", "default") or mix_email
+
+
 def data_options(setup: str, seed: int, mix_email: bool, sms: Path, email: Path) -> DataOptions:
-    use_email = setup in ("email", "default") or mix_email
     return DataOptions(
         data=sms,
         use_sms=setup != "email",
         balance=setup == "sms-reference",
         seed=seed,
-        email_corpus=[email] if use_email else [],
+        email_corpus=[email] if uses_email(setup, mix_email) else [],
     )
 
 
@@ -148,7 +151,7 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     torch.set_num_threads(args.threads)
     overrides = parse_overrides(args.overrides)
-    if args.peers and args.setup not in ("email", "default") and not args.mix_email:
+    if args.peers and not uses_email(args.setup, args.mix_email):
         parser.error(f"--peers compares email filters; setup {args.setup} has no email")
     raws = raw_by_text(args.email) if args.peers else {}
     for seed in [int(value) for value in args.seeds.split(",")]:
@@ -196,10 +199,15 @@ def main() -> None:
                     if "test" in per_split
                 },
             }
-        print(json.dumps(line), flush=True)
-        if args.log:
-            with args.log.open("a") as handle:
-                handle.write(json.dumps(line) + "\n")
+        emit(line, args.log)
+
+
+def emit(line: dict, log: Path | None) -> None:
+    """One result line on stdout, and appended to the log when one is given."""
+    print(json.dumps(line), flush=True)
+    if log:
+        with log.open("a") as handle:
+            handle.write(json.dumps(line) + "\n")
 
 
 def _calibration_only(metrics: dict) -> dict:

@@ -18,7 +18,6 @@ text). Needs the Debian packages spamassassin, spamd, spamc and bogofilter.
 """
 
 import argparse
-import json
 import os
 import pwd
 import shutil
@@ -37,7 +36,6 @@ from spamfilterd.message import message_to_text
 from trainer.data import Splits, build_splits, email_corpus_folders, source_kind
 from trainer.metrics import classification_metrics
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SA_SITE_CONFIG = Path("/etc/spamassassin")
 SA_SETTINGS = """
 use_bayes 1
@@ -206,24 +204,21 @@ def peer_metrics(splits: Splits, raws: dict[str, bytes]) -> dict:
 
 
 def main() -> None:
+    # Imported here: model_quality imports this module for --peers.
+    from model_quality import EMAIL, SMS, data_options, emit
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", default="123")
-    parser.add_argument("--sms", type=Path, default=SHARED / "sms_spam_collection" / "SMSSpamCollection")
-    parser.add_argument("--email", type=Path, default=SHARED / "spamassassin_2002")
+    parser.add_argument("--sms", type=Path, default=SMS)
+    parser.add_argument("--email", type=Path, default=EMAIL)
     parser.add_argument("--log", type=Path)
     args = parser.parse_args()
-    from model_quality import data_options
-
     raws = raw_by_text(args.email)
     for seed in [int(value) for value in args.seeds.split(",")]:
         splits, _ = build_splits(data_options("default", seed, False, args.sms, args.email))
-        line = {"setup": "default", "seed": seed, "peers": peer_metrics(splits, raws)}
-        print(json.dumps(line), flush=True)
-        if args.log:
-            with args.log.open("a") as handle:
-                handle.write(json.dumps(line) + "\n")
+        emit({"setup": "default", "seed": seed, "peers": peer_metrics(splits, raws)}, args.log)
 
 
 if __name__ == "__main__":
