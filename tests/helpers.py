@@ -85,6 +85,15 @@ class LoopThread:
     def run(self, coro, timeout: float = 30):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def call(self, function, *args):
+        """Runs a plain callable on the loop's thread and waits: asyncio objects such as a Server are
+        not thread-safe, and closing one from the test thread races the loop's own work on it."""
+
+        async def on_loop():
+            return function(*args)
+
+        return self.run(on_loop())
+
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)

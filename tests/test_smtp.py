@@ -541,7 +541,7 @@ def test_a_downstream_that_never_answers_gives_451(harness, lt):
             harness.send(make_message("silence"))
         assert (err.value.smtp_code, err.value.smtp_error[:5]) == (451, b"4.4.1")
     finally:
-        server.close()
+        lt.call(server.close)
 
 
 @pytest.mark.parametrize("harness", [{"smtp": {"data_timeout": 0.5}}], indirect=True)

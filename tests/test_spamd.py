@@ -406,20 +406,14 @@ def test_a_non_loopback_door_needs_allowed_networks(tiny_checkpoint, tmp_path):
     assert config.spamd.allowed_networks == ("10.0.0.0/8",)
 
 
-async def _close_listener(listener: asyncio.Server) -> None:
-    """Closes on the loop's own thread: asyncio.Server is not thread-safe, and a connection the
-    loop is finishing at that moment (the probe above) would race a close from the test thread."""
-    listener.close()
-    await listener.wait_closed()
-
-
 def test_unix_socket_gets_its_mode_and_a_stale_one_is_replaced(lt, classifier, workdir):
     first = make_door(lt, classifier, workdir)
     assert (first.socket_path.stat().st_mode & 0o777) == 0o660
     assert first.raw(b"PING SPAMC/1.5\r\n\r\n", unix=True) == b"SPAMD/1.5 0 PONG\r\n"
     with pytest.raises(OSError, match="another daemon is listening there"):
         lt.run(SpamdServer(lambda: first.runtime, Metrics()).start((f"unix:{first.socket_path}",), "0660"))
-    lt.run(_close_listener(first.server._servers[1]))  # as if killed: the socket file stays
+    lt.call(first.server._servers[1].close)  # as if the daemon had been killed: the socket file stays
+    lt.run(first.server._servers[1].wait_closed())
     assert first.socket_path.exists()
     second = make_door(lt, classifier, workdir)
     assert second.raw(b"PING SPAMC/1.5\r\n\r\n", unix=True) == b"SPAMD/1.5 0 PONG\r\n"
