@@ -70,7 +70,7 @@ def _rows(frame, kind: str | None) -> list[int]:
     return [row for row, row_kind in enumerate(kinds) if kind is None or row_kind == kind]
 
 
-def _tfidf_fit(train, seed: int):
+def tfidf_fit(train, seed: int):
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
     model = LogisticRegression(C=10.0, max_iter=2000, random_state=seed)
     model.fit(vectorizer.fit_transform(train["Text"]), train["Label"].astype(int))
@@ -87,7 +87,7 @@ def tfidf_baseline(splits: Splits, seed: int, max_fpr: float) -> tuple[dict[str,
     cross-validated scores of train + validation when validation is too small (as the trainer does).
     Returns (calibrated P(spam) of validation and test, (labels, scores) to count thresholds on).
     """
-    margins_of = _tfidf_fit(splits.train, seed)
+    margins_of = tfidf_fit(splits.train, seed)
     margins = {"validation": margins_of(splits.validation), "test": margins_of(splits.test)}
     val_labels = splits.validation["Label"].astype(int).tolist()
     temperature = fit_temperature(margins["validation"], val_labels)
@@ -99,7 +99,7 @@ def tfidf_baseline(splits: Splits, seed: int, max_fpr: float) -> tuple[dict[str,
     labels, counted = [], []
     for fold in range(FOLDS):
         held_out = pool[fold_of == fold]
-        fold_margins = _tfidf_fit(pool[fold_of != fold], seed)(held_out)
+        fold_margins = tfidf_fit(pool[fold_of != fold], seed)(held_out)
         fold_labels = held_out["Label"].astype(int).tolist()
         labels += fold_labels
         counted += _calibrated(fold_margins, fit_temperature(fold_margins, fold_labels))
