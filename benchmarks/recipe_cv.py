@@ -40,7 +40,7 @@ from train_recipes import parse_overrides
 
 from spamfilterd.classifier import encode_text
 from spamfilterd.tokenizer import get_tokenizer
-from trainer.calibration import calibrated_nll, fit_temperature
+from trainer.calibration import calibrated_nll, fit_temperature, log_losses
 from trainer.data import Splits, build_splits, source_kind
 from trainer.train import MEMBER_SEED_STRIDE, RECIPES, EncodedSplit, TrainConfig, train, validation_margins
 
@@ -147,11 +147,6 @@ def _share(flags: np.ndarray) -> float:
     return round(float(flags.mean()), 5)
 
 
-def _log_loss(margins: np.ndarray, labels: np.ndarray, temperature: float) -> np.ndarray:
-    signed = np.where(labels == 1, margins, -margins) / temperature
-    return np.logaddexp(0.0, -signed)
-
-
 def at_fpr(margins: np.ndarray, labels: np.ndarray, max_fpr: float) -> dict:
     """Accuracy where at most `max_fpr` of this ham is flagged: the FPR issue 8 bounds.
 
@@ -191,7 +186,7 @@ def summary(margins: np.ndarray, labels: np.ndarray, kinds: np.ndarray, max_fpr:
 def paired(base: np.ndarray, other: np.ndarray, labels: np.ndarray, kinds: np.ndarray, seed: int) -> dict:
     """How `other` differs from `base` on the same messages (both margins, uncalibrated)."""
     base_right, other_right = (base > 0) == (labels == 1), (other > 0) == (labels == 1)
-    loss_gap = _log_loss(other, labels, fit_temperature(other, labels)) - _log_loss(
+    loss_gap = log_losses(other, labels, fit_temperature(other, labels)) - log_losses(
         base, labels, fit_temperature(base, labels)
     )
     rng = np.random.default_rng(seed)

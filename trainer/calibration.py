@@ -20,9 +20,14 @@ def logit_margins(logits: np.ndarray) -> np.ndarray:
     return logits[:, 1] - logits[:, 0]
 
 
-def _nll(margins: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+def log_losses(margins: np.ndarray, labels: np.ndarray, temperature: float) -> np.ndarray:
+    """Each message's negative log-likelihood at this temperature, for paired comparisons."""
     signed = np.where(labels == 1, margins, -margins) / temperature
-    return float(np.mean(np.logaddexp(0.0, -signed)))
+    return np.logaddexp(0.0, -signed)
+
+
+def _nll(margins: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    return float(np.mean(log_losses(margins, labels, temperature)))
 
 
 def fit_temperature(margins: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
