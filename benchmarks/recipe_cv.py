@@ -42,6 +42,7 @@ from spamfilterd.classifier import encode_text
 from spamfilterd.tokenizer import get_tokenizer
 from trainer.calibration import calibrated_nll, fit_temperature, log_losses
 from trainer.data import Splits, build_splits, source_kind
+from trainer.metrics import ham_score_to_clear
 from trainer.train import MEMBER_SEED_STRIDE, RECIPES, EncodedSplit, TrainConfig, train, validation_margins
 
 FOLDS = 5
@@ -151,10 +152,11 @@ def at_fpr(margins: np.ndarray, labels: np.ndarray, max_fpr: float) -> dict:
     """Accuracy where at most `max_fpr` of this ham is flagged: the FPR issue 8 bounds.
 
     The threshold is counted on the very scores it is judged on, so this is what the best
-    threshold at that FPR achieves, a shade above what one counted on validation would."""
-    ham = np.sort(margins[labels == 0])[::-1]
-    allowed = int(np.floor(max_fpr * len(ham)))
-    flagged = margins > ham[allowed] if allowed < len(ham) else np.ones(len(margins), dtype=bool)
+    threshold at that FPR achieves, a shade above what one counted on validation would. Unlike
+    the card's rule (`threshold_for_fpr`) it is neither put on the 0.001 grid nor kept at or
+    above 0.5: it ranks the scores, not the daemon's verdicts."""
+    cleared = ham_score_to_clear(labels, margins, max_fpr)
+    flagged = margins > cleared if cleared is not None else np.ones(len(margins), dtype=bool)
     spam = labels == 1
     return {
         "accuracy": _share(flagged == spam),

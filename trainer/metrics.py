@@ -64,15 +64,22 @@ def split_metrics(labels: Sequence[int], scores: Sequence[float], thresholds: Th
     }
 
 
+def ham_score_to_clear(labels: Sequence[int], scores: Sequence[float], max_fpr: float) -> float | None:
+    """The highest ham score that must not be flagged for at most `max_fpr` of this ham to be;
+    None when every ham may be."""
+    ham = np.sort(np.asarray(scores, dtype=float)[np.asarray(labels) == 0])[::-1]
+    allowed = math.floor(max_fpr * len(ham) + 1e-9)
+    return float(ham[allowed]) if allowed < len(ham) else None
+
+
 def threshold_for_fpr(labels: Sequence[int], scores: Sequence[float], max_fpr: float) -> float:
     """The lowest threshold on the printed 0.001 grid, from 0.5 up, whose counted false-positive
     rate on these scores is at most `max_fpr`."""
-    ham = np.sort(np.asarray(scores, dtype=float)[np.asarray(labels) == 0])[::-1]
-    allowed = math.floor(max_fpr * len(ham) + 1e-9)
-    if allowed >= len(ham):
+    cleared = ham_score_to_clear(labels, scores, max_fpr)
+    if cleared is None:
         return DEFAULT_THRESHOLD
     # One grid step above the highest ham score that must not be flagged.
-    return float(min(1.0, max(DEFAULT_THRESHOLD, round(score_on_grid(ham[allowed]) + 0.001, 3))))
+    return float(min(1.0, max(DEFAULT_THRESHOLD, round(score_on_grid(cleared) + 0.001, 3))))
 
 
 def can_measure(labels: Sequence[int], max_fpr: float) -> bool:
