@@ -245,7 +245,7 @@ def main() -> None:
     tfidf_parser = commands.add_parser("tfidf", help="out-of-fold margins of TF-IDF + LR on the same folds")
     tfidf_parser.add_argument("setup", choices=SETUPS)
     for sub in (run_parser, tfidf_parser):
-        sub.add_argument("--seed", type=int, default=123, help="the split seed; members add 1000 each")
+        sub.add_argument("--seed", type=int, default=123, help="the split seed (run: members add 1000 each)")
         sub.add_argument("--folds", type=int, default=FOLDS)
         sub.add_argument("--sms", type=Path, default=SMS)
         sub.add_argument("--email", type=Path, default=EMAIL)
