@@ -192,6 +192,21 @@ def run_training(
 ) -> dict:
     """Everything `spamfilterd-train` does; returns the model card that was written."""
     splits, data_card = build_splits(data)
+    return train_and_write(splits, data_card, config, out, name, max_fpr, unsure_fpr, progress, cv_folds)
+
+
+def train_and_write(
+    splits: Splits,
+    data_card: dict,
+    config: TrainConfig,
+    out: Path,
+    name: str | None = None,
+    max_fpr: float = DEFAULT_MAX_FPR,
+    unsure_fpr: float = DEFAULT_UNSURE_FPR,
+    progress: bool = True,
+    cv_folds: int = FOLDS,
+) -> dict:
+    """`run_training` on splits already cut (a benchmark's own split); returns the model card."""
     result = train(splits, config, progress=progress)
     scored = score_splits(result, splits)
     chosen_on = threshold_scores(splits, scored["validation"], config, max_fpr, cv_folds, progress)
