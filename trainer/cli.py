@@ -222,8 +222,8 @@ def train(**options) -> None:
       reference  (for pretrained weights): last block + final norm + head, 5 epochs,
                  AdamW lr 5e-5, wd 0.1, batch 8, constant lr, no dropout, 1 member
     """
-    from trainer.data import DataOptions
-    from trainer.pipeline import run_training
+    from trainer.data import DataOptions, build_splits
+    from trainer.pipeline import train_and_write
 
     if options["threads"]:
         import torch
@@ -256,8 +256,8 @@ def train(**options) -> None:
         email_corpus=list(options["email_corpus"]),
     )
     card = _friendly_errors(
-        lambda: run_training(
-            data,
+        lambda: train_and_write(
+            *build_splits(data),
             config,
             options["out"],
             name=options["name"],

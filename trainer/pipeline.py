@@ -12,7 +12,7 @@ from spamfilterd.checkpoint import save_checkpoint
 from spamfilterd.scores import Thresholds
 from trainer.calibration import ECE_BINS, reliability
 from trainer.crossval import FOLDS, cross_validated_scores, on_scale_of, same_scale
-from trainer.data import DataOptions, Splits, build_splits, source_kind
+from trainer.data import Splits, source_kind
 from trainer.metrics import (
     DEFAULT_MAX_FPR,
     DEFAULT_UNSURE_FPR,
@@ -180,21 +180,6 @@ def build_card(
     }
 
 
-def run_training(
-    data: DataOptions,
-    config: TrainConfig,
-    out: Path,
-    name: str | None = None,
-    max_fpr: float = DEFAULT_MAX_FPR,
-    unsure_fpr: float = DEFAULT_UNSURE_FPR,
-    progress: bool = True,
-    cv_folds: int = FOLDS,
-) -> dict:
-    """Everything `spamfilterd-train` does; returns the model card that was written."""
-    splits, data_card = build_splits(data)
-    return train_and_write(splits, data_card, config, out, name, max_fpr, unsure_fpr, progress, cv_folds)
-
-
 def train_and_write(
     splits: Splits,
     data_card: dict,
@@ -206,7 +191,8 @@ def train_and_write(
     progress: bool = True,
     cv_folds: int = FOLDS,
 ) -> dict:
-    """`run_training` on splits already cut (a benchmark's own split); returns the model card."""
+    """Everything `spamfilterd-train` does once `build_splits` has cut the data (a benchmark may cut
+    its own); returns the model card that was written."""
     result = train(splits, config, progress=progress)
     scored = score_splits(result, splits)
     chosen_on = threshold_scores(splits, scored["validation"], config, max_fpr, cv_folds, progress)
