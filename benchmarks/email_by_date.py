@@ -45,12 +45,12 @@ def by_arrival(
 ) -> Splits:
     """`splits` with its email rows re-cut by arrival per source folder (see the module's doc)."""
     frames = [frame for _name, frame in splits.items()]
-    everything = pd.concat(frames).reset_index(drop=True)
-    is_email = np.array([source_kind(source) == "email" for source in everything["Source"]])
-    kept = [frame[[source_kind(source) != "email" for source in frame["Source"]]] for frame in frames]
+    is_email = [frame["Source"].map(source_kind) == "email" for frame in frames]
+    kept = [frame[~email] for frame, email in zip(frames, is_email, strict=True)]
+    all_mail = pd.concat([frame[email] for frame, email in zip(frames, is_email, strict=True)])
     rng = np.random.default_rng(seed)
     cut: dict[str, list[pd.DataFrame]] = {"train": [], "validation": [], "test": []}
-    for _folder, mail in everything[is_email].groupby("Source", sort=True):
+    for _folder, mail in all_mail.groupby("Source", sort=True):
         times = np.array([arrival_time(raws[text]) for text in mail["Text"]])
         ordered = mail.iloc[np.argsort(times, kind="stable")]
         test_start = len(ordered) - round(len(ordered) * test_frac)

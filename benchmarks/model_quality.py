@@ -172,12 +172,15 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     torch.set_num_threads(args.threads)
     overrides = parse_overrides(args.overrides)
-    if args.peers and not uses_email(args.setup, args.mix_email):
-        parser.error(f"--peers compares email filters; setup {args.setup} has no email")
-    if args.email_split != "random" and not uses_email(args.setup, args.mix_email):
-        parser.error(f"--email-split cuts the email; setup {args.setup} has no email")
-    needs_raws = args.peers or args.email_split != "random" or args.mark_content_type
-    raws = raw_by_text(args.email) if needs_raws else {}
+    email_options = {
+        "--peers": args.peers,
+        "--email-split": args.email_split != "random",
+        "--mark-content-type": args.mark_content_type,
+    }
+    for option, given in email_options.items():
+        if given and not uses_email(args.setup, args.mix_email):
+            parser.error(f"{option} reads the raw email; setup {args.setup} has no email")
+    raws = raw_by_text(args.email) if any(email_options.values()) else {}
     for seed in [int(value) for value in args.seeds.split(",")]:
         options = data_options(args.setup, seed, args.mix_email, args.sms, args.email)
         splits, data_card = build_splits(options)
