@@ -32,7 +32,7 @@ from pathlib import Path
 import pandas as pd
 
 from spamfilterd.mailsource import iter_messages
-from spamfilterd.message import TEXT_FORMAT, message_to_text
+from spamfilterd.message import message_to_text
 from trainer.data import Splits, build_splits, email_corpus_folders, source_kind
 from trainer.metrics import classification_metrics
 
@@ -53,12 +53,12 @@ SPAMD_START_TIMEOUT_S = 120
 
 
 def raw_by_text(corpus: Path) -> dict[str, bytes]:
-    """Each text of the corpus, as the trainer reads it, and the first raw message that reads as it."""
+    """Each text of the corpus and the first raw message that reads as it, in the trainer's order."""
     ham, spam = email_corpus_folders(corpus)
     raws: dict[str, bytes] = {}
     for folder in ham + spam:
         for _name, raw in iter_messages(folder):
-            raws.setdefault(message_to_text(raw).for_model(TEXT_FORMAT), raw)
+            raws.setdefault(message_to_text(raw).text, raw)
     return raws
 
 

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from spamfilterd import __version__
 from spamfilterd.checkpoint_layout import CARD_FILE, WEIGHTS_FILE, checkpoint_files
-from spamfilterd.message import TEXT_FORMATS
 from spamfilterd.scores import DEFAULT_THRESHOLD, Thresholds, valid_threshold
 
 if TYPE_CHECKING:
@@ -24,9 +23,7 @@ if TYPE_CHECKING:
 
     from spamfilterd.model import GPTEnsemble, GPTModel
 
-# 2 added `members`, 3 `text_format`. A card is written with the lowest version that holds what it
-# uses, so an older daemon reads every card it can score correctly and refuses the rest.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 2  # 2 added `members`; a single model is still written as 1, so 0.1 daemons read it
 RETRAIN = "retrain with spamfilterd-train, or fix the value in the card"
 
 
@@ -49,7 +46,6 @@ class ModelCard:
     temperature: float = 1.0  # cards from before calibration: logits are not scaled
     n_outputs: int = 2
     members: int = 1  # models whose logits are averaged (spamfilterd.model.GPTEnsemble)
-    text_format: str = "text"  # what the model reads of a message: spamfilterd.message.TEXT_FORMATS
     weights_sha256: str | None = None  # None: the weights are not verified
 
     @property
@@ -89,12 +85,6 @@ class ModelCard:
                 f"{path}: 'temperature' must be a positive number (the trainer writes it), got "
                 f"{temperature!r}; retrain, or remove the key to score without calibration"
             )
-        text_format = _typed(data, "text_format", str, "text", path)
-        if text_format not in TEXT_FORMATS:
-            raise CheckpointError(
-                f"{path}: 'text_format' {text_format!r} is not one this spamfilterd ({__version__}) "
-                f"reads ({', '.join(TEXT_FORMATS)}); upgrade spamfilterd, or retrain"
-            )
         return cls(
             architecture=data["architecture"],
             name=_typed(data, "name", str, "model", path),
@@ -104,7 +94,6 @@ class ModelCard:
             n_outputs=_typed(data, "n_outputs", int, 2, path),
             members=_typed(data, "members", int, 1, path),
             weights_sha256=_typed(data, "weights_sha256", str, None, path),
-            text_format=text_format,
         )
 
 
@@ -157,7 +146,7 @@ def save_checkpoint(model: GPTModel | GPTEnsemble, out_dir: Path, card: dict) ->
     save_file(state, str(weights), metadata={"format": "pt"})
     weights.chmod(0o644)  # safetensors writes 0600; the daemon often runs as another user than the trainer
     full_card = {
-        "format_version": _lowest_version(members, card.get("text_format", "text")),
+        "format_version": FORMAT_VERSION if members > 1 else 1,
         "spamfilterd_version": __version__,
         "name": out_dir.name,
         "labels": ["ham", "spam"],
@@ -175,10 +164,6 @@ def save_checkpoint(model: GPTModel | GPTEnsemble, out_dir: Path, card: dict) ->
     tmp.write_text(json.dumps(full_card, indent=2, sort_keys=False) + "\n")
     tmp.replace(out_dir / CARD_FILE)
     return out_dir
-
-
-def _lowest_version(members: int, text_format: str) -> int:
-    return 3 if text_format != "text" else 2 if members > 1 else 1
 
 
 def resolve_checkpoint(path: Path) -> tuple[Path, Path]:

@@ -79,7 +79,6 @@ class SpamClassifier:
         # Temperature scaling (fitted by the trainer on validation data) makes P(spam) calibrated.
         self.temperature = card.temperature
         self.model_id = card.model_id
-        self.text_format = card.text_format  # how its caller must build the texts it scores
 
     @classmethod
     def load(

@@ -47,7 +47,6 @@ class FilterEngine:
         self.config = config
         self.classifier = classifier
         self.model_id: str = classifier.model_id
-        self.text_format: str = classifier.text_format
         self.thresholds = effective_thresholds(config, classifier.thresholds)
 
     @classmethod
@@ -82,9 +81,7 @@ class FilterEngine:
         texts = [message_to_text(message, max_bytes) for message in messages]
         # Raw bytes, and the decoded text for a GTUBE inside a base64 or quoted-printable body.
         gtube = [GTUBE in text.header.raw or GTUBE_TEXT in text.text for text in texts]
-        to_score = [
-            text.for_model(self.text_format) for text, test in zip(texts, gtube, strict=True) if not test
-        ]
+        to_score = [text.text for text, is_test in zip(texts, gtube, strict=True) if not is_test]
         model_scores = iter(self.classifier.score(to_score) if to_score else [])
         results = []
         for envelope, text, is_test in zip(envelopes, texts, gtube, strict=True):

@@ -25,15 +25,6 @@ MAX_DEPTH = 20
 MAX_PARTS = 500
 MAX_TEXT_CHARS = 100_000
 MAX_SUBJECT_CHARS = 1_000
-# What a model reads of a message, recorded in its card as `text_format`. "text": the subject and
-# the readable body (cards from before the key). "content-type+text": an email's text led by its
-# top-level MIME type on a line of its own, e.g. "[text/html]": extraction drops the markup, and
-# whether a message was sent as HTML alone told newer ham from spam better than its words did
-# (benchmarks/train_recipes.md, round 11). A bare text (an SMS) reads the same in both.
-TEXT_FORMATS = ("text", "content-type+text")
-TEXT_FORMAT = "content-type+text"  # what the trainer writes
-# A MIME type as RFC 6838 names one; anything else marks as the RFC 2045 default, text/plain.
-_MIME_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 
 # Header names that make a leading "Name: value" block an email rather than a chat line like
 # "Hi: how are you".
@@ -129,7 +120,6 @@ class MessageText:
     text: str
     header: Header
     notes: list[str] = field(default_factory=list)
-    content_type: str = ""  # an email's top-level MIME type, lowercased; "" for a bare text
 
     @property
     def subject(self) -> str:
@@ -139,12 +129,6 @@ class MessageText:
     @property
     def is_email(self) -> bool:
         return self.header.is_email
-
-    def for_model(self, text_format: str) -> str:
-        """The text as a model trained in `text_format` (one of TEXT_FORMATS) reads it."""
-        if text_format == "content-type+text" and self.is_email:
-            return f"[{self.content_type}]\n{self.text}"
-        return self.text
 
 
 def message_to_text(message: bytes | Header, max_bytes: int = DEFAULT_MAX_BYTES) -> MessageText:
@@ -162,14 +146,13 @@ def message_to_text(message: bytes | Header, max_bytes: int = DEFAULT_MAX_BYTES)
         notes.append(f"truncated at {max_bytes} bytes")
     if not header.is_email:
         return MessageText(_finish(_decode_bytes(raw, None), notes), header, _dedupe(notes))
-    extractor = _Extractor(notes)
     try:
-        body = extractor.run(raw)
+        body = _Extractor(notes).run(raw)
         text = f"{header.subject}\n\n{body}" if header.subject else body
     except Exception as exc:  # last line of defence: a parser bug must not lose the message
         notes.append(f"could not parse as email ({type(exc).__name__}); read as plain text")
         text = _decode_bytes(raw, None)
-    return MessageText(_finish(text, notes), header, _dedupe(notes), extractor.content_type)
+    return MessageText(_finish(text, notes), header, _dedupe(notes))
 
 
 def is_mbox_from_line(line: bytes) -> bool:
@@ -300,7 +283,6 @@ class _Extractor:
     def __init__(self, notes: list[str]) -> None:
         self.notes = notes
         self.parts = 0
-        self.content_type = "text/plain"  # RFC 2045's default, until a parse reads the header
 
     def run(self, raw: bytes) -> str:
         """The readable body text; the subject comes from `read_header`."""
@@ -310,9 +292,7 @@ class _Extractor:
             # The stdlib parser recurses once per nesting level; past ~1,000 levels read the body raw.
             self.notes.append("MIME structure nested too deeply to parse; body read as raw text")
             msg = BytesHeaderParser(policy=compat32).parsebytes(raw)
-            self.content_type = _mime_type(msg)
             return _strip_mime_lines(_payload_text(msg, self.notes))
-        self.content_type = _mime_type(msg)
         return "\n\n".join(self.walk(msg, 0))
 
     def walk(self, part: Message, depth: int) -> list[str]:
@@ -377,15 +357,6 @@ class _Extractor:
         html = [c for c in others if c.get_content_type() == "text/html"]
         best = (html or others)[-1:] if others else []
         return [text for child in best for text in self.walk(child, depth + 1)]
-
-
-def _mime_type(msg: Message) -> str:
-    """The message's top-level MIME type; a malformed or oversized one reads as text/plain."""
-    try:
-        ctype = msg.get_content_type()
-    except Exception:
-        return "text/plain"
-    return ctype if _MIME_TYPE.fullmatch(ctype) else "text/plain"
 
 
 def _forwarded_subject(msg: Message) -> str:

@@ -13,14 +13,9 @@ SMS_CORPUS = REPO_ROOT.parent / "shared" / "data" / "sms_spam_collection" / "SMS
 
 
 def make_tiny_checkpoint(
-    out_dir: Path,
-    thresholds: dict | None = None,
-    seed: int = 0,
-    temperature: object = None,
-    text_format: str | None = None,
+    out_dir: Path, thresholds: dict | None = None, seed: int = 0, temperature: object = None
 ) -> Path:
-    """A random `gpt-tiny` classifier saved in the real checkpoint format (by default a card that
-    predates `text_format`, as the checkpoints of 0.1 users are)."""
+    """A random `gpt-tiny` classifier saved in the real checkpoint format."""
     torch.manual_seed(seed)
     model = classifier_from(GPTModel(PRESETS["gpt-tiny"]))
     card = {
@@ -30,8 +25,6 @@ def make_tiny_checkpoint(
     }
     if temperature is not None:
         card["temperature"] = temperature
-    if text_format is not None:
-        card["text_format"] = text_format
     return save_checkpoint(model, out_dir, card)
 
 

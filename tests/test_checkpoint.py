@@ -67,21 +67,12 @@ def test_a_card_from_before_calibration_loads_with_the_documented_defaults(tmp_p
     """A card written before `temperature` (and the unsure band) existed scores as it always did."""
     out = make_tiny_checkpoint(tmp_path / "old")
     card = json.loads((out / "model.json").read_text())
-    for newer in (
-        "temperature",
-        "format_version",
-        "max_tokens",
-        "n_outputs",
-        "members",
-        "name",
-        "text_format",
-    ):
+    for newer in ("temperature", "format_version", "max_tokens", "n_outputs", "members", "name"):
         card.pop(newer, None)
     card["thresholds"] = {"spam": 0.7}
     (out / "model.json").write_text(json.dumps(card))
     _, loaded = load_checkpoint(out)
     assert (loaded.temperature, loaded.n_outputs, loaded.max_tokens, loaded.name) == (1.0, 2, None, "model")
-    assert loaded.text_format == "text"  # its model never saw a MIME-type mark
     assert loaded.thresholds == Thresholds(spam=0.7, unsure=0.7)  # no unsure band
     del card["thresholds"]
     (out / "model.json").write_text(json.dumps(card))
@@ -104,8 +95,6 @@ def test_a_card_from_before_calibration_loads_with_the_documented_defaults(tmp_p
         ("members", 0, "'members' must be at least 1, got 0"),
         ("name", None, "'name' must be a str, got None"),
         ("format_version", 99, "format_version 99 is newer than this spamfilterd"),
-        ("text_format", "html-first", "'text_format' 'html-first' is not one this spamfilterd"),
-        ("text_format", 1, "'text_format' must be a str, got 1"),
         ("architecture", None, "no 'architecture' in the model card"),
     ],
 )
@@ -156,14 +145,6 @@ def test_a_single_model_is_still_written_as_format_1(tmp_path):
     """0.1 daemons refuse format_version 2; a one-member checkpoint stays readable by them."""
     written = json.loads((make_tiny_checkpoint(tmp_path / "one") / "model.json").read_text())
     assert written["format_version"] == 1 and written["members"] == 1
-
-
-def test_a_model_that_reads_the_mime_type_is_written_as_format_3(tmp_path):
-    """A 0.1 daemon would score it on unmarked text, silently worse: format 3 makes it refuse."""
-    out = make_tiny_checkpoint(tmp_path / "marked", text_format="content-type+text")
-    written = json.loads((out / "model.json").read_text())
-    assert written["format_version"] == 3
-    assert ModelCard.load(out / "model.json").text_format == "content-type+text"
 
 
 @pytest.mark.parametrize(("weights_members", "card_members"), [(1, 2), (1, 10**9), (3, 1), (3, 2)])

@@ -34,7 +34,6 @@ class FaultyModel:
     """Stands in for SpamClassifier: scores 0.1 (ham), or hangs, or raises, as the test says."""
 
     model_id = "faulty-test"
-    text_format = "text"
     thresholds = Thresholds(spam=0.5, unsure=0.3)
 
     def __init__(self) -> None:

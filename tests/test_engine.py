@@ -223,25 +223,3 @@ def test_a_score_in_the_unsure_band_is_unsure_for_classify_and_for_the_daemon(tm
     assert (decision.verdict, score_on_grid(decision.score)) == ("unsure", printed)
     above = Thresholds(spam=printed, unsure=printed - 0.001)
     assert above.verdict(score) == "spam"
-
-
-def test_the_model_reads_each_message_as_its_card_says(tmp_path):
-    """Same weights, two cards: the one trained on marked text gets the email's MIME type first;
-    a card from before the mark (every 0.1 checkpoint) reads the text as it always did."""
-    from spamfilterd.classifier import SpamClassifier
-
-    email = message_to_text(MAIL, 1_048_576)
-    scores = {}
-    for text_format in ("text", "content-type+text"):
-        checkpoint = make_tiny_checkpoint(tmp_path / text_format, text_format=text_format)
-        classifier = SpamClassifier.load(checkpoint, device="cpu", threads=1)
-        engine = FilterEngine(Config(model=ModelConfig(checkpoint=checkpoint)), classifier)
-        mail, sms = engine.check_many([MAIL, SMS])
-        assert mail.decision.score == pytest.approx(
-            classifier.score([email.for_model(text_format)])[0], abs=1e-6
-        )
-        assert sms.decision.score == pytest.approx(classifier.score([SMS.decode()])[0], abs=1e-6)
-        scores[text_format] = (mail.decision.score, sms.decision.score)
-    assert email.for_model("content-type+text") == "[text/plain]\n" + email.text
-    assert scores["text"][0] != pytest.approx(scores["content-type+text"][0], abs=1e-6)
-    assert scores["text"][1] == pytest.approx(scores["content-type+text"][1], abs=1e-6)  # an SMS has no mark

@@ -8,7 +8,6 @@ import pytest
 
 from spamfilterd.message import (
     MAX_HEADER_BYTES,
-    TEXT_FORMAT,
     MessageText,
     html_to_text,
     message_to_text,
@@ -73,47 +72,6 @@ def test_sms_text_is_not_an_email():
     assert result.text == (
         "WINNER!! You have won a £1000 prize. Call 09061701461 now to claim. Valid 12 hours only."
     )
-
-
-@pytest.mark.parametrize(
-    ("name", "content_type"),
-    [
-        ("plain.eml", "text/plain"),
-        ("html_only.eml", "text/html"),  # `text/html; charset="utf-8"`: parameters are not read
-        ("multipart_attachment.eml", "multipart/mixed"),
-        ("forwarded.eml", "multipart/mixed"),  # the outer message's type, not the forwarded one's
-    ],
-)
-def test_a_model_trained_on_marked_text_reads_the_mime_type_first(name, content_type):
-    result = sample(name)
-    assert result.content_type == content_type
-    assert result.for_model("content-type+text") == f"[{content_type}]\n{result.text}"
-    assert result.for_model("text") == result.text  # what older checkpoints were trained on
-    assert TEXT_FORMAT == "content-type+text"  # what the trainer writes today
-
-
-def test_a_bare_text_reads_the_same_in_every_format():
-    result = sample("sms.txt")
-    assert result.content_type == ""
-    assert result.for_model("content-type+text") == result.for_model("text") == result.text
-
-
-@pytest.mark.parametrize(
-    ("header", "content_type"),
-    [
-        (b"", "text/plain"),  # no Content-Type: RFC 2045's default
-        (b"Content-Type: TEXT/HTML; charset=utf-8\n", "text/html"),
-        (b"Content-Type: html\n", "text/plain"),  # no subtype: Python's parser says text/plain
-        (b"Content-Type: text/h<t>ml\n", "text/plain"),  # not a MIME type name (RFC 6838)
-        (b"Content-Type: text/" + b"x" * 200 + b"\n", "text/plain"),  # a subtype is 127 characters at most
-        (b"Content-Type: text/\xe9t\xe9\n", "text/plain"),  # 8-bit bytes
-    ],
-)
-def test_a_missing_or_malformed_content_type_marks_as_text_plain(header, content_type):
-    """The mark is the sender's to choose, so it is bounded: a model never reads more than a type name."""
-    result = message_to_text(b"From: a@example.com\nSubject: hi\n" + header + b"\nbody\n")
-    assert result.content_type == content_type
-    assert result.for_model("content-type+text").split("\n", 1)[0] == f"[{content_type}]"
 
 
 def test_forged_spam_headers_are_not_part_of_the_text():

@@ -331,8 +331,8 @@ def evaluate(model: Path, test_csv, ham, spam, as_json: bool, device: str, threa
     from trainer.evaluate import load_labelled
 
     def run() -> dict:
+        frame = load_labelled(test_csv, _paths(ham), _paths(spam))
         classifier = SpamClassifier.load(model, device=device, threads=threads, batch_size=batch_size)
-        frame = load_labelled(test_csv, _paths(ham), _paths(spam), classifier.text_format)
         return evaluate_checkpoint(classifier, frame)
 
     result = _friendly_errors(run)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from spamfilterd.message import TEXT_FORMAT, message_to_text
 from trainer.corpus import locate_sms_corpus, sha256_of
 from trainer.errors import DataError
 
@@ -101,9 +100,8 @@ def parse_sms_collection(blob: bytes, origin: str) -> pd.DataFrame:
     return _frame(labels, texts, "sms")
 
 
-def read_labelled_csv(path: Path, text_format: str = TEXT_FORMAT) -> pd.DataFrame:
-    """A `Label,Text` or `Label,Path` CSV with a header; paths are raw messages, relative to the CSV,
-    read as a model in `text_format` reads them."""
+def read_labelled_csv(path: Path) -> pd.DataFrame:
+    """A `Label,Text` or `Label,Path` CSV with a header; paths are raw messages, relative to the CSV."""
     path = Path(path)
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -120,10 +118,7 @@ def read_labelled_csv(path: Path, text_format: str = TEXT_FORMAT) -> pd.DataFram
     for row, (label, value) in enumerate(zip(raw[columns["label"]], raw[columns[content]], strict=True)):
         where = f"{path}: line {row + 2}"
         labels.append(_parse_label(label, where))
-        if content == "path":
-            text = _read_message_file(path.parent / value.strip(), where, text_format)
-        else:
-            text = value
+        text = _read_message_file(path.parent / value.strip(), where) if content == "path" else value
         if not text.strip():
             raise DataError(f"{where}: empty message text")
         texts.append(text)
@@ -132,27 +127,28 @@ def read_labelled_csv(path: Path, text_format: str = TEXT_FORMAT) -> pd.DataFram
     return _frame(labels, texts, f"csv:{path.name}")
 
 
-def _read_message_file(path: Path, where: str, text_format: str) -> str:
+def _read_message_file(path: Path, where: str) -> str:
+    from spamfilterd.message import message_to_text
+
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{where}: cannot read {path} ({exc.strerror or exc})") from exc
-    message = message_to_text(raw)
-    return message.for_model(text_format) if message.text.strip() else ""  # the caller says it is empty
+    return message_to_text(raw).text
 
 
-def read_mail(paths: list[Path], label: int, text_format: str = TEXT_FORMAT) -> tuple[pd.DataFrame, int]:
-    """Messages under maildirs, mbox files or folders, as the daemon shows them to a model in
-    `text_format`; (frame, empties skipped)."""
+def read_mail(paths: list[Path], label: int) -> tuple[pd.DataFrame, int]:
+    """Messages under maildirs, mbox files or folders, as the daemon sees them; (frame, empties skipped)."""
     from spamfilterd.mailsource import MailSourceError, iter_messages
+    from spamfilterd.message import message_to_text
 
     texts, sources, empty = [], [], 0
     for path in paths:
         try:
             for _name, raw in iter_messages(Path(path)):
-                message = message_to_text(raw)
-                if message.text.strip():
-                    texts.append(message.for_model(text_format))
+                text = message_to_text(raw).text
+                if text.strip():
+                    texts.append(text)
                     sources.append(f"email:{path}")
                 else:
                     empty += 1

@@ -15,15 +15,14 @@ from trainer.errors import DataError
 from trainer.metrics import split_metrics
 
 
-def load_labelled(test_csv: Path | None, ham: list[Path], spam: list[Path], text_format: str) -> pd.DataFrame:
-    """The labelled messages, read as the checkpoint's card says its model reads them."""
+def load_labelled(test_csv: Path | None, ham: list[Path], spam: list[Path]) -> pd.DataFrame:
     frames = []
     if test_csv is not None:
-        frames.append(read_labelled_csv(test_csv, text_format))
+        frames.append(read_labelled_csv(test_csv))
     if ham:
-        frames.append(read_mail(ham, 0, text_format)[0])
+        frames.append(read_mail(ham, 0)[0])
     if spam:
-        frames.append(read_mail(spam, 1, text_format)[0])
+        frames.append(read_mail(spam, 1)[0])
     if not frames:
         raise DataError("nothing to evaluate on: give --test-csv FILE and/or --ham PATH / --spam PATH")
     frame = pd.concat(frames).reset_index(drop=True)

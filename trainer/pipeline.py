@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from spamfilterd.checkpoint import save_checkpoint
-from spamfilterd.message import TEXT_FORMAT
 from spamfilterd.scores import Thresholds
 from trainer.calibration import ECE_BINS, reliability
 from trainer.crossval import FOLDS, cross_validated_scores, on_scale_of, same_scale
@@ -123,7 +122,6 @@ def build_card(
         "name": name,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "max_tokens": result.max_tokens,
-        "text_format": TEXT_FORMAT,  # how trainer.data read every raw message
         "temperature": result.temperature,
         "thresholds": asdict(thresholds),
         "calibration": {
