@@ -39,6 +39,7 @@ from email.policy import compat32
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from email_by_date import by_arrival
 from peer_filters import peer_metrics, raw_by_text
@@ -237,11 +238,12 @@ def main() -> None:
         emit(line, args.log)
 
 
-def with_content_type(frame, raws: dict[str, bytes]):
+def with_content_type(frame: pd.DataFrame, raws: dict[str, bytes]) -> pd.DataFrame:
     """`frame` with every email's text led by its top-level MIME type, which extraction drops."""
+    headers = BytesHeaderParser(policy=compat32)
     marked = frame.copy()
     marked["Text"] = [
-        f"[{BytesHeaderParser(policy=compat32).parsebytes(raws[text]).get_content_type()}]\n{text}"
+        f"[{headers.parsebytes(raws[text]).get_content_type()}]\n{text}"
         if source_kind(source) == "email"
         else text
         for text, source in zip(frame["Text"], frame["Source"], strict=True)
