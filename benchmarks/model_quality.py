@@ -18,8 +18,9 @@ SMS test set stays the same, and the table reports it per source. `--email-split
 the email rows by arrival time instead (older mail trains, the newest 20 % of each folder tests;
 email_by_date.py), the split closest to how the default model is judged. `--mark-content-type`
 puts each email's top-level MIME type in front of its text (`[text/html]`), for both our model and
-TF-IDF: an experiment on what the text extraction drops, not what the daemon reads (rounds 11 and
-12 of train_recipes.md: better on two test sets, worse out of fold, so not shipped).
+TF-IDF: an experiment on what the text extraction drops, not what the daemon reads (rounds 11–13
+of train_recipes.md: better on two test sets, worse out of fold on two split seeds, so not
+shipped).
 
 Our model is trained and scored through `trainer.pipeline.train_and_write` (the card's metrics at the
 card's thresholds). The baseline is scikit-learn's TF-IDF (word 1-2 grams, sublinear tf) +
