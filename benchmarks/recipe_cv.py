@@ -167,6 +167,7 @@ def at_fpr(margins: np.ndarray, labels: np.ndarray, max_fpr: float) -> dict:
 
 def summary(margins: np.ndarray, labels: np.ndarray, kinds: np.ndarray, max_fpr: float) -> dict:
     nll, temperature = calibrated_nll(margins, labels)
+    losses = log_losses(margins, labels, temperature)  # each message's, at the one temperature
     right = (margins > 0) == (labels == 1)
     line: dict[str, object] = {
         "calibrated_nll": round(nll, 4),
@@ -176,6 +177,7 @@ def summary(margins: np.ndarray, labels: np.ndarray, kinds: np.ndarray, max_fpr:
     for kind in sorted(set(kinds)):
         ham, spam = (kinds == kind) & (labels == 0), (kinds == kind) & (labels == 1)
         line[kind] = {
+            "calibrated_nll": round(float(losses[kinds == kind].mean()), 4),
             "accuracy": _share(right[kinds == kind]),
             "ham_wrong": int((~right & ham).sum()),
             "spam_wrong": int((~right & spam).sum()),
